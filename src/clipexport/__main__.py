@@ -1,0 +1,5 @@
+"""`python -m clipexport` runs the CLI."""
+
+from clipexport.cli import main
+
+main()

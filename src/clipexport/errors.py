@@ -1,0 +1,106 @@
+"""clipexport's own exception tree.
+
+Errors of the libraries underneath (PyAV, torch, boto3, Modal, sqlite) are
+translated into these at the module boundary where they happen, so that the
+CLI can turn any of them into one line on stderr and an exit code without
+knowing which library failed::
+
+    ClipexportError                 exit 1, a job failed
+    ├── UsageError                  exit 2, nothing was started
+    │   ├── InputError              a clip is missing, unreadable, empty, ...
+    │   ├── ModelError              unknown model, bad weights, bad scale
+    │   ├── OutputError             output exists, directory missing/unwritable
+    │   └── JobLookupError          unknown job, job already finished
+    ├── StorageError                the store failed (resumable)
+    │   ├── StorageAuthError        credentials rejected (not resumable)
+    │   ├── StorageNotFoundError    bucket or key missing
+    │   ├── StorageUnreachableError endpoint did not answer
+    │   └── PreconditionFailedError object changed under a resumed download
+    ├── BackendError                the compute backend failed
+    └── Interrupted                 exit 75, stopped and resumable
+
+Messages never contain credentials: they name the file, endpoint or job.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RESUMABLE = 75
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class ClipexportError(Exception):
+    """Base of every error the CLI reports as one line."""
+
+    exit_code: int = EXIT_FAILED
+    resumable: bool = False
+
+
+class UsageError(ClipexportError):
+    """The request cannot be carried out as given; nothing was started."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(UsageError):
+    """An input clip is missing, not a video, empty or corrupt."""
+
+
+class ModelError(UsageError):
+    """Unknown model, weights that fail their hash or architecture, bad scale."""
+
+
+class OutputError(UsageError):
+    """The output cannot be written where asked."""
+
+
+class JobLookupError(UsageError):
+    """The job named does not exist or cannot be acted on."""
+
+
+class StorageError(ClipexportError):
+    """The object store failed; the job can usually be resumed."""
+
+    resumable = True
+
+
+class StorageAuthError(StorageError):
+    """The store rejected the credentials."""
+
+    resumable = False
+
+
+class StorageNotFoundError(StorageError):
+    """A bucket or object does not exist."""
+
+    resumable = False
+
+
+class StorageUnreachableError(StorageError):
+    """The endpoint did not answer in time."""
+
+
+class PreconditionFailedError(StorageError):
+    """An object changed between a transfer and its resume."""
+
+
+class BackendError(ClipexportError):
+    """The compute backend failed to run a segment."""
+
+    def __init__(self, message: str, *, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
+
+
+class Interrupted(ClipexportError):
+    """The job was stopped by a signal; its state is kept for `resume`."""
+
+    exit_code = EXIT_RESUMABLE
+    resumable = True
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_RESUMABLE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
