@@ -1,0 +1,26 @@
+"""Compute backends: where segments are upscaled (this machine, or Modal)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipexport.backends.base import Backend, EmitFn
+from clipexport.errors import UsageError
+from clipexport.jobs import JobSpec
+
+__all__ = ["Backend", "EmitFn", "create_backend"]
+
+
+def create_backend(spec: JobSpec, segment_root: Path) -> Backend:
+    """The backend a spec names; torch and modal are imported only here, lazily."""
+    if spec.backend == "local":
+        from clipexport.backends.local import LocalBackend
+        from clipexport.upscale import load_upscaler
+
+        weights = None if spec.weights is None else Path(spec.weights)
+
+        def loader(on_bytes):  # type: ignore[no-untyped-def]
+            return load_upscaler(spec.model, scale=spec.scale, weights=weights, device=spec.device, progress=on_bytes)
+
+        return LocalBackend(loader, segment_root)
+    raise UsageError(f"unknown backend {spec.backend!r}: use local or modal")

@@ -1,0 +1,83 @@
+"""The local backend: segments run in-process on this machine's GPU or CPU.
+
+The model is loaded once, in a thread, while the caller's thread emits a
+heartbeat every second: loading (or downloading weights) has no unit to
+count, and a silent bar would look dead. Segments then run one after the
+other in the caller's thread, so Ctrl-C lands where the work is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from clipexport.backends.base import EmitFn
+from clipexport.errors import Interrupted
+from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
+
+HEARTBEAT_S = 1.0
+
+Loader = Callable[[Callable[[int, int | None], None]], FrameUpscaler]
+
+
+class LocalBackend:
+    """Runs the worker body in-process; segment files land under `root`."""
+
+    name = "local"
+
+    def __init__(self, loader: Loader, root: Path) -> None:
+        self._loader = loader
+        self.root = root
+        self._upscaler: FrameUpscaler | None = None
+
+    def run(self, tasks: Sequence[SegmentTask], emit: EmitFn, stop: threading.Event) -> None:
+        if not tasks:
+            return
+        upscaler = self._load(emit)
+        for task in tasks:
+            if stop.is_set():
+                raise Interrupted("stopped before all segments were done")
+            for event in run_segment(task, upscaler, self.root / task.key):
+                emit(event)
+
+    def _load(self, emit: EmitFn) -> FrameUpscaler:
+        """Load the model once, with heartbeats (and download bytes) meanwhile."""
+        if self._upscaler is not None:
+            return self._upscaler
+        emit({"type": "phase_start", "phase": "load_model"})
+        started = time.monotonic()
+        result: dict[str, Any] = {}
+        download: dict[str, Any] = {}
+
+        def on_bytes(done: int, total: int | None) -> None:
+            download.update(done=done, total=total)
+
+        def load() -> None:
+            try:
+                result["upscaler"] = self._loader(on_bytes)
+            except BaseException as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=load, name="load-model", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(HEARTBEAT_S)
+            if thread.is_alive():
+                emit(_heartbeat(download))
+        if "error" in result:
+            raise result["error"]
+        emit({"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3)})
+        self._upscaler = result["upscaler"]
+        return self._upscaler
+
+
+def _heartbeat(download: dict[str, Any]) -> dict[str, Any]:
+    if not download:
+        return {"type": "heartbeat", "phase": "load_model", "detail": "loading model"}
+    total = download.get("total")
+    mib = download["done"] / 2**20
+    detail = f"downloading weights {mib:.1f} MiB" + (f" of {total / 2**20:.1f} MiB" if total else "")
+    return {"type": "heartbeat", "phase": "load_model", "detail": detail, "bytes": download["done"]}

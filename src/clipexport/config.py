@@ -1,0 +1,117 @@
+"""Settings: flags > environment > config file > defaults.
+
+The config file is TOML at `<config dir>/config.toml` with the same names as
+the long flags (`model = "realesr-animevideov3"`, `parallel = 3`, ...).
+`CLIPEXPORT_HOME` moves every directory (state, data, cache, config) under
+one folder: tests and sandboxed pipelines use it to stay off the user's home.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from clipexport.errors import UsageError
+
+APP = "clipexport"
+
+
+def _dir(kind: str) -> Path:
+    home = os.environ.get("CLIPEXPORT_HOME")
+    if home:
+        return Path(home) / kind
+    finder = getattr(platformdirs, f"user_{kind}_dir")
+    return Path(finder(APP))
+
+
+def state_dir() -> Path:
+    """Job store and event logs."""
+    return _dir("state")
+
+
+def data_dir() -> Path:
+    """The embedded default store (inputs, segments) when no --storage is given."""
+    return _dir("data")
+
+
+def cache_dir() -> Path:
+    """Downloaded and converted model weights."""
+    return Path(os.environ.get("CLIPEXPORT_CACHE_DIR") or _dir("cache"))
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("CLIPEXPORT_CONFIG") or _dir("config") / "config.toml")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Defaults a render uses when its flags do not say otherwise."""
+
+    model: str = "realesr-animevideov3"
+    scale: int | None = None
+    codec: str = "h264"
+    crf: int | None = None
+    segment_frames: int = 240
+    backend: str = "local"
+    storage: str | None = None
+    endpoint_url: str | None = None
+    parallel: int = 3
+    gpu: str = "L4"
+    device: str = "auto"
+
+
+_ENV = {
+    "model": "CLIPEXPORT_MODEL",
+    "codec": "CLIPEXPORT_CODEC",
+    "segment_frames": "CLIPEXPORT_SEGMENT_FRAMES",
+    "backend": "CLIPEXPORT_BACKEND",
+    "storage": "CLIPEXPORT_STORAGE",
+    "endpoint_url": "CLIPEXPORT_S3_ENDPOINT",
+    "parallel": "CLIPEXPORT_PARALLEL",
+    "gpu": "CLIPEXPORT_GPU",
+    "device": "CLIPEXPORT_DEVICE",
+}
+
+
+def load_settings(flags: dict[str, Any] | None = None) -> Settings:
+    """Merge the layers; `flags` holds only the flags the user gave (not None)."""
+    settings = Settings()
+    settings = _apply(settings, _read_file(config_path()), "config file")
+    settings = _apply(settings, {k: os.environ[v] for k, v in _ENV.items() if v in os.environ}, "environment")
+    return _apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "flag")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _apply(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
+    known = {f.name: f for f in fields(Settings)}
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        name = name.replace("-", "_")
+        if name not in known:
+            if origin == "config file":
+                raise UsageError(f"{config_path()}: unknown setting {name!r}")
+            continue
+        changes[name] = _coerce(name, value, known[name].type, origin)
+    return replace(settings, **changes)
+
+
+def _coerce(name: str, value: Any, annotation: Any, origin: str) -> Any:
+    if "int" in str(annotation) and not isinstance(value, int):
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"{origin} {name}: expected a whole number, got {value!r}") from None
+    return value

@@ -1,0 +1,239 @@
+"""Jobs: their spec, their state machine, and the SQLite store of durable facts.
+
+The store is the client's memory across processes: a job's spec (what to
+render), its state, the last `seq` and fraction shown, and every durable fact
+(input hashes, multipart upload ids, remote call ids, finished segments) as
+JSON values under string keys. WAL mode and a busy timeout let several renders
+and a `status --watch` share one database without lock errors.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipexport.errors import JobLookupError
+
+
+class JobState(str, enum.Enum):
+    """Where a job is; transitions are guarded by `ALLOWED`."""
+
+    RUNNING = "running"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+ALLOWED: dict[JobState, set[JobState]] = {
+    JobState.RUNNING: {JobState.INTERRUPTED, JobState.FAILED, JobState.DONE, JobState.CANCELLED},
+    JobState.INTERRUPTED: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.FAILED: {JobState.RUNNING, JobState.CANCELLED},
+    JobState.DONE: set(),
+    JobState.CANCELLED: set(),
+}
+ACTIVE = (JobState.RUNNING,)
+RESUMABLE = (JobState.RUNNING, JobState.INTERRUPTED, JobState.FAILED)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything needed to (re)run a render; stored as JSON with the job."""
+
+    inputs: list[str]
+    output: str
+    model: str
+    scale: int
+    weights: str | None = None
+    trims: list[list[float] | None] = field(default_factory=list)
+    crops: list[list[int] | None] = field(default_factory=list)
+    codec: str = "h264"
+    crf: int | None = None
+    segment_frames: int = 240
+    backend: str = "local"
+    storage: str | None = None
+    endpoint_url: str | None = None
+    parallel: int = 1
+    gpu: str | None = None
+    device: str = "auto"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    spec: JobSpec
+    state: JobState
+    created: float
+    updated: float
+    last_seq: int
+    fraction: float
+    message: str | None
+    pid: int | None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT -1, fraction REAL NOT NULL DEFAULT 0,
+    message TEXT, pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS facts (
+    job TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (job, key)
+);
+"""
+
+
+def new_job_id() -> str:
+    """Short and unique enough to type: `cx-` and six hex digits."""
+    return "cx-" + secrets.token_hex(3)
+
+
+class JobStore:
+    """SQLite (WAL) job store; one short transaction per call."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / "jobs.db"
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def log_path(self, job_id: str) -> Path:
+        return self.root / "jobs" / job_id / "events.jsonl"
+
+    def create(self, spec: JobSpec) -> JobRecord:
+        now = time.time()
+        with self._connect() as db:
+            while True:
+                job_id = new_job_id()
+                try:
+                    db.execute(
+                        "INSERT INTO jobs (id, spec, state, created, updated, pid) VALUES (?,?,?,?,?,?)",
+                        (job_id, spec.to_json(), JobState.RUNNING.value, now, now, os.getpid()),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    continue
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobLookupError(f"no job {job_id!r}: `clipexport jobs` lists them")
+        return _record(row)
+
+    def all(self) -> list[JobRecord]:
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM jobs ORDER BY created").fetchall()
+        return [_record(r) for r in rows]
+
+    def transition(self, job_id: str, state: JobState, message: str | None = None) -> JobRecord:
+        """Move a job to `state`; an illegal transition raises JobLookupError."""
+        current = self.get(job_id)
+        if state != current.state and state not in ALLOWED[current.state]:
+            raise JobLookupError(f"job {job_id} is {current.state.value}; it cannot become {state.value}")
+        pid = os.getpid() if state == JobState.RUNNING else None
+        with self._connect() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, message = ?, updated = ?, pid = ? WHERE id = ?",
+                (state.value, message, time.time(), pid, job_id),
+            )
+        return self.get(job_id)
+
+    def record_progress(self, job_id: str, seq: int, fraction: float) -> None:
+        """Remember the last seq stored and fraction shown (never lowered)."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE jobs SET last_seq = MAX(last_seq, ?), fraction = MAX(fraction, ?), updated = ? WHERE id = ?",
+                (seq, fraction, time.time(), job_id),
+            )
+
+    def set_fact(self, job_id: str, key: str, value: Any) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO facts (job, key, value) VALUES (?,?,?)",
+                (job_id, key, json.dumps(value)),
+            )
+
+    def fact(self, job_id: str, key: str) -> Any:
+        with self._connect() as db:
+            row = db.execute("SELECT value FROM facts WHERE job = ? AND key = ?", (job_id, key)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def facts(self, job_id: str, prefix: str = "") -> dict[str, Any]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT key, value FROM facts WHERE job = ? AND key LIKE ? ESCAPE '\\'",
+                (job_id, prefix.replace("%", "\\%").replace("_", "\\_") + "%"),
+            ).fetchall()
+        return {k: json.loads(v) for k, v in rows}
+
+    def clear_fact(self, job_id: str, key: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM facts WHERE job = ? AND key = ?", (job_id, key))
+
+    def transfer_state(self, job_id: str) -> JobTransferState:
+        return JobTransferState(self, job_id)
+
+
+class JobTransferState:
+    """The storage layer's TransferState, kept as facts of one job."""
+
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self._store, self._job = store, job_id
+
+    def load(self, key: str) -> dict | None:
+        return self._store.fact(self._job, "transfer:" + key)
+
+    def save(self, key: str, value: dict) -> None:
+        self._store.set_fact(self._job, "transfer:" + key, value)
+
+    def clear(self, key: str) -> None:
+        self._store.clear_fact(self._job, "transfer:" + key)
+
+    def keys(self) -> list[str]:
+        return [k.removeprefix("transfer:") for k in self._store.facts(self._job, "transfer:")]
+
+
+def _record(row: tuple) -> JobRecord:
+    job_id, spec, state, created, updated, last_seq, fraction, message, pid = row
+    return JobRecord(
+        id=job_id,
+        spec=JobSpec.from_json(spec),
+        state=JobState(state),
+        created=created,
+        updated=updated,
+        last_seq=last_seq,
+        fraction=fraction,
+        message=message,
+        pid=pid,
+    )

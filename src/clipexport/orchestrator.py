@@ -1,0 +1,305 @@
+"""The client side of a job: validate, plan, prepare, run segments, finalize.
+
+`prepare_job` checks everything a user can get wrong before any job exists
+(so bad input leaves nothing behind); `JobRunner` carries a job from wherever
+it stands to its output, and is what both `render` and `resume` run. Every
+step is recorded in the job store as it completes, so a rerun skips it:
+input hashes (keyed by size and mtime), finished segments (by their content
+key, which exists only once complete), the output (renamed into place last).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipexport import events
+from clipexport.backends.base import Backend
+from clipexport.errors import (
+    ClipexportError,
+    InputError,
+    Interrupted,
+    ModelError,
+    OutputError,
+    EXIT_SIGINT,
+)
+from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
+from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
+from clipexport.storage import hash_file
+from clipexport.upscale.registry import MODELS
+from clipexport.worker import SegmentTask, segment_key
+
+OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
+BackendFactory = Callable[[JobSpec], Backend]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated spec and what probing its inputs found."""
+
+    spec: JobSpec
+    infos: list[ClipInfo]
+    plans: list[ClipPlan]
+    segments: list[Segment]
+
+
+def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
+    """Check model, output and inputs; raise a UsageError naming the problem."""
+    _check_model(spec)
+    _check_output(spec, force)
+    infos = [probe(Path(p)) for p in spec.inputs]
+    plans = plan_clips(infos, [_trim(t) for t in spec.trims], [_crop(c) for c in spec.crops])
+    segments = plan_segments([p.frames for p in plans], spec.segment_frames)
+    return Prepared(spec, infos, plans, segments)
+
+
+def _check_model(spec: JobSpec) -> None:
+    model = MODELS.get(spec.model)
+    if model is None:
+        raise ModelError(f"unknown model {spec.model!r}; known models: {', '.join(sorted(MODELS))}")
+    if spec.scale not in (2, 4) or spec.scale > model.native_scale:
+        supported = [s for s in (2, 4) if s <= model.native_scale]
+        raise ModelError(f"model {spec.model} supports --scale {' or '.join(map(str, supported))}, not {spec.scale}")
+    if spec.weights is not None and not Path(spec.weights).is_file():
+        raise ModelError(f"{spec.weights}: weights file not found")
+
+
+def _check_output(spec: JobSpec, force: bool) -> None:
+    out = Path(spec.output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise OutputError(f"{out}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: directory {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise OutputError(f"{out}: directory {out.parent} is not writable")
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists (use --force to replace it)")
+    resolved = out.resolve()
+    for inp in spec.inputs:
+        if Path(inp).resolve() == resolved:
+            raise OutputError(f"{out}: output would overwrite an input")
+
+
+def _trim(value: list[float] | None) -> tuple[float, float] | None:
+    return None if value is None else (float(value[0]), float(value[1]))
+
+
+def _crop(value: list[int] | None) -> Crop | None:
+    return None if value is None else Crop(*value)
+
+
+def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: str) -> dict[str, Any]:
+    """The `plan` event: all the work up front, and the features an ETA needs."""
+    spec, first = prepared.spec, prepared.plans[0]
+    frames = sum(p.frames for p in prepared.plans)
+    width, height = first.size
+    phases = [
+        {"phase": "prepare", "unit": "bytes", "total": input_bytes},
+        {"phase": "load_model", "unit": None, "total": None},
+        {"phase": "upscale", "unit": "frames", "total": frames},
+        {"phase": "encode", "unit": "frames", "total": frames},
+        {"phase": "finalize", "unit": None, "total": None},
+    ]
+    features = {
+        "backend": backend,
+        "gpu": device,
+        "model": spec.model,
+        "scale": spec.scale,
+        "in_width": width,
+        "in_height": height,
+        "fps": float(first.fps),
+        "frames": frames,
+        "input_bytes": input_bytes,
+        "clips": len(prepared.plans),
+        "segments": len(prepared.segments),
+        "parallel": spec.parallel,
+        "segment_frames": spec.segment_frames,
+        "clip_frames": [p.frames for p in prepared.plans],
+        "out_width": width * spec.scale,
+        "out_height": height * spec.scale,
+        "duration_s": round(frames / float(first.fps), 3),
+    }
+    return {"type": "plan", "phases": phases, "features": features}
+
+
+class JobRunner:
+    """Carries one job to its output; used by `render` and `resume` alike."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        record: JobRecord,
+        *,
+        segment_root: Path,
+        backend_factory: BackendFactory,
+        sinks: Sequence[events.Sink] = (),
+        accept_changed_inputs: bool = False,
+        fraction: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.store = store
+        self.job = record.id
+        self.spec = record.spec
+        self.segment_root = segment_root
+        self._backend_factory = backend_factory
+        self._accept_changed = accept_changed_inputs
+        self._fraction = fraction
+        self._last_seq: int | None = None
+        self._log = events.EventLog(store.log_path(record.id))
+        self.emitter = events.Emitter(
+            record.id, [self._log, events.log_sink, self._remember_seq, *sinks], next_seq=record.last_seq + 1
+        )
+        self.stop = threading.Event()
+
+    def _remember_seq(self, event: events.Event) -> None:
+        """Store seq and fraction at phase changes (and at the end), not per frame."""
+        self._last_seq = event["seq"]
+        if event["type"] != "progress" and event["type"] != "heartbeat":
+            self.store.record_progress(self.job, event["seq"], self._fraction())
+
+    def run(self, prepared: Prepared) -> Path:
+        """Run the job to completion; on any stop the job stays resumable."""
+        out = Path(self.spec.output)
+        tmp = out.with_name(f".{out.stem}.{self.job}.partial{out.suffix}")
+        try:
+            self._run(prepared, out, tmp)
+        except KeyboardInterrupt:
+            self._stopped(Interrupted("interrupted", exit_code=EXIT_SIGINT))
+        except Interrupted as exc:
+            self._stopped(exc)
+        except ClipexportError as exc:
+            self._failed(exc.args[0] if exc.args else str(exc), exc.resumable)
+            raise
+        except Exception as exc:  # an unexpected failure still leaves a resumable job
+            self._failed(f"internal error: {type(exc).__name__}: {exc}", True)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+            self._flush_seq()
+            self._log.close()
+        return out
+
+    def _run(self, prepared: Prepared, out: Path, tmp: Path) -> None:
+        emit = self.emitter
+        hashes = self._prepare(prepared)
+        tasks = self._pending_tasks(prepared, hashes)
+        frames = sum(p.frames for p in prepared.plans)
+        emit("phase_start", phase="upscale", unit="frames", total=frames)
+        emit("phase_start", phase="encode", unit="frames", total=frames)
+        started = time.monotonic()
+        self._backend_factory(self.spec).run(tasks, self._relay, self.stop)
+        elapsed = round(time.monotonic() - started, 3)
+        emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
+        emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
+        self._finalize(prepared, hashes, out, tmp)
+
+    def _relay(self, partial: dict[str, Any]) -> None:
+        """Backend events enter the job's stream here; segment ends are facts."""
+        event = self.emitter.emit(partial)
+        if event["type"] == "phase_end" and event.get("phase") == "encode" and "part" in event:
+            self.store.set_fact(self.job, f"segment:{event['part']}", {"attempt": event.get("attempt", 1)})
+
+    def _prepare(self, prepared: Prepared) -> list[str]:
+        """Hash the inputs (byte progress); reuse hashes of unchanged files."""
+        total = sum(i.size_bytes for i in prepared.infos)
+        self.emitter("phase_start", phase="prepare", unit="bytes", total=total)
+        started, base, hashes = time.monotonic(), 0, []
+        for index, info in enumerate(prepared.infos):
+            hashes.append(self._input_hash(index, info, base, total))
+            base += info.size_bytes
+            self.emitter("progress", phase="prepare", unit="bytes", done=base, total=total)
+        elapsed = round(time.monotonic() - started, 3)
+        self.emitter("phase_end", phase="prepare", unit="bytes", done=total, total=total, elapsed=elapsed)
+        return hashes
+
+    def _input_hash(self, index: int, info: ClipInfo, base: int, total: int) -> str:
+        stat = info.path.stat()
+        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        known = self.store.fact(self.job, f"input:{index}")
+        if known is not None and known["identity"] == identity:
+            return known["sha256"]
+        last = [0.0]
+
+        def on_bytes(done: int) -> None:
+            if time.monotonic() - last[0] >= 0.25:
+                last[0] = time.monotonic()
+                self.emitter("progress", phase="prepare", unit="bytes", done=base + done, total=total)
+
+        sha = hash_file(info.path, on_bytes)
+        if known is not None and known["sha256"] != sha and not self._accept_changed:
+            raise InputError(
+                f"{info.path}: changed since job {self.job} started; "
+                f"`clipexport resume {self.job} --force` re-renders what it affects"
+            )
+        self.store.set_fact(self.job, f"input:{index}", {"identity": identity, "sha256": sha})
+        return sha
+
+    def _key(self, prepared: Prepared, hashes: list[str], seg: Segment) -> str:
+        spec = self.spec
+        weights_id = "builtin" if spec.weights is None else self._weights_id()
+        return segment_key(
+            hashes[seg.clip], prepared.plans[seg.clip], seg,
+            model=spec.model, weights_id=weights_id, scale=spec.scale, codec=spec.codec, crf=spec.crf,
+        )
+
+    def _weights_id(self) -> str:
+        known = self.store.fact(self.job, "weights")
+        if known is None:
+            known = hash_file(Path(self.spec.weights))  # type: ignore[arg-type]
+            self.store.set_fact(self.job, "weights", known)
+        return known
+
+    def _pending_tasks(self, prepared: Prepared, hashes: list[str]) -> list[SegmentTask]:
+        """Tasks for segments not stored yet; stored ones count as done."""
+        tasks = []
+        for seg in prepared.segments:
+            key = self._key(prepared, hashes, seg)
+            if (self.segment_root / key).is_file():
+                self._count_finished(seg)
+                continue
+            previous = self.store.fact(self.job, f"attempt:{seg.name}") or 0
+            self.store.set_fact(self.job, f"attempt:{seg.name}", previous + 1)
+            tasks.append(SegmentTask(self.job, seg, prepared.plans[seg.clip], key,
+                                     codec=self.spec.codec, crf=self.spec.crf, attempt=previous + 1))
+        return tasks
+
+    def _count_finished(self, seg: Segment) -> None:
+        for phase in ("upscale", "encode"):
+            self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
+                         attempt=self.store.fact(self.job, f"attempt:{seg.name}") or 1, skipped=True)
+
+    def _finalize(self, prepared: Prepared, hashes: list[str], out: Path, tmp: Path) -> None:
+        self.emitter("phase_start", phase="finalize")
+        started = time.monotonic()
+        paths = [self.segment_root / self._key(prepared, hashes, seg) for seg in prepared.segments]
+        concat_and_mux(paths, prepared.plans, tmp)
+        os.replace(tmp, out)
+        self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
+                     bytes=out.stat().st_size)
+        self.store.transition(self.job, JobState.DONE)
+        plan_t = self.store.fact(self.job, "plan_t") or time.time()
+        self.emitter("done", output=str(out), elapsed=round(time.time() - plan_t, 3))
+
+    def _stopped(self, exc: Interrupted) -> None:
+        self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
+        raise exc
+
+    def _failed(self, message: str, resumable: bool) -> None:
+        self.emitter("error", message=message, resumable=resumable)
+        self.store.transition(self.job, JobState.FAILED, message)
+
+    def _flush_seq(self) -> None:
+        if self._last_seq is not None:
+            self.store.record_progress(self.job, self._last_seq, self._fraction())
+
+    def emit_plan(self, prepared: Prepared, *, backend: str, device: str) -> None:
+        """The first event of a new job; its time anchors `done.elapsed`."""
+        total = sum(i.size_bytes for i in prepared.infos)
+        event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
+        self.store.set_fact(self.job, "plan_t", event["t"])
