@@ -273,6 +273,220 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
+def _snapshot(store: JobStore, record: JobRecord, now: float) -> Any:
+    """A job's progress snapshot, rebuilt from its event log."""
+    from clipexport.progress import Tracker, load_model
+
+    tracker = Tracker(load_model(), floor=record.fraction)
+    path = store.log_path(record.id)
+    if path.exists():
+        for event in events.read_events(path):
+            tracker.feed(event)
+    return tracker.snapshot(now)
+
+
+def _state(record: JobRecord) -> str:
+    """The state to show: a running job whose client died is interrupted."""
+    if record.state == JobState.RUNNING and not _alive(record.pid) and record.pid != os.getpid():
+        return "interrupted"
+    return record.state.value
+
+
+def _active(store: JobStore) -> list[JobRecord]:
+    return [r for r in store.all() if _state(r) == "running"]
+
+
+def _status_line(record: JobRecord, snap: Any) -> str:
+    running = [row.phase for row in snap.phases if row.state in ("running", "waiting")]
+    phase = running[-1] if running else "-"
+    return f"{record.id}  {snap.fraction * 100:5.1f}%  {phase:<10}  {snap.eta_text}"
+
+
+def _status_detail(record: JobRecord, snap: Any) -> list[str]:
+    lines = [f"job {record.id}  {_state(record)}  {snap.fraction * 100:.1f}%  "
+             f"elapsed {_duration(snap.elapsed)}  {snap.eta_text}",
+             f"  output {record.spec.output}"]
+    for row in snap.phases:
+        amount = _amount(row.done, row.total, row.unit)
+        detail = f"  ({row.detail})" if row.detail else ""
+        lines.append(f"  {row.phase:<11} {row.state:<8} {amount}{detail}")
+    return lines
+
+
+def _amount(done: float, total: float | None, unit: str | None) -> str:
+    if unit == "bytes":
+        def mib(n: float) -> str:
+            return f"{n / 2**20:.1f} MiB"
+        return mib(done) + (f" / {mib(total)}" if total else "")
+    if unit:
+        return f"{int(done)}" + (f" / {int(total)} {unit}" if total else f" {unit}")
+    return ""
+
+
+def _snapshot_json(record: JobRecord, snap: Any) -> dict[str, Any]:
+    return {
+        "job": record.id, "state": _state(record), "fraction": round(snap.fraction, 4),
+        "elapsed": round(snap.elapsed, 1),
+        "remaining_s": None if snap.remaining_s is None else round(snap.remaining_s, 1),
+        "eta_text": snap.eta_text, "output": record.spec.output,
+        "phases": [{"phase": r.phase, "state": r.state, "unit": r.unit, "done": r.done, "total": r.total}
+                   for r in snap.phases],
+    }
+
+
+@app.command()
+def status(
+    job: Annotated[Optional[str], typer.Argument(help="A job id; without it, every running job, a line each.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep the view live until no job runs.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 1.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the progress of running jobs (or of one job, expanded)."""
+    with _errors_to_exit():
+        store = _store()
+        while True:
+            records = [store.get(job)] if job else _active(store)
+            _print_status(store, records, expanded=job is not None, as_json=json_out)
+            if not watch or not any(_state(r) == "running" for r in (records or _active(store))):
+                return
+            time.sleep(interval)
+
+
+def _print_status(store: JobStore, records: list[JobRecord], *, expanded: bool, as_json: bool) -> None:
+    now = time.time()
+    snaps = [(r, _snapshot(store, r, now)) for r in records]
+    if as_json:
+        for record, snap in snaps:
+            _json_line(_snapshot_json(record, snap))
+        return
+    if not snaps:
+        print("no running jobs", flush=True)
+    for record, snap in snaps:
+        print("\n".join(_status_detail(record, snap)) if expanded else _status_line(record, snap), flush=True)
+
+
+@app.command(name="jobs")
+def list_jobs(json_out: JsonOpt = False) -> None:
+    """List every job: id, state, age, inputs, output."""
+    with _errors_to_exit():
+        now = time.time()
+        for record in _store().all():
+            if json_out:
+                _json_line({"job": record.id, "state": _state(record), "created": record.created,
+                            "fraction": round(record.fraction, 4), "inputs": record.spec.inputs,
+                            "output": record.spec.output, "message": record.message})
+                continue
+            inputs = Path(record.spec.inputs[0]).name + (
+                f" +{len(record.spec.inputs) - 1}" if len(record.spec.inputs) > 1 else "")
+            print(f"{record.id}  {_state(record):<11}  {_age(now - record.created):>5}  {inputs}  ->  "
+                  f"{record.spec.output}", flush=True)
+
+
+def _age(seconds: float) -> str:
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+@app.command()
+def cancel(
+    job: Annotated[str, typer.Argument(help="The job id.")],
+    purge: Annotated[bool, typer.Option("--purge", help="Also delete the job's finished segments.")] = False,
+) -> None:
+    """Stop a job's work, remove its temporary files and mark it cancelled."""
+    with _errors_to_exit():
+        from clipexport.orchestrator import cancel_job
+
+        cancel_job(_store(), job, segment_root=config.data_dir() / "store", purge=purge)
+        _say(f"job {job} cancelled" + (" and its segments deleted" if purge else ""))
+
+
+@app.command()
+def logs(
+    job: Annotated[str, typer.Argument(help="The job id.")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until the job ends.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print a job's event log."""
+    with _errors_to_exit():
+        store = _store()
+        record = store.get(job)
+        path = store.log_path(record.id)
+        for event in _tail(store, record.id, path, follow):
+            if json_out:
+                _json_line(event)
+            else:
+                print(_human(event), flush=True)
+
+
+def _tail(store: JobStore, job_id: str, path: Path, follow: bool) -> Iterator[dict[str, Any]]:
+    """Events of a log; with `follow`, wait for more until the job stops."""
+    seen = -1
+    while True:
+        for event in (events.read_events(path) if path.exists() else ()):
+            if event.get("seq", -1) > seen:
+                seen = event["seq"]
+                yield event
+                if event["type"] in events.TERMINAL_TYPES:
+                    return
+        if not follow or _state(store.get(job_id)) != "running":
+            return
+        time.sleep(0.5)
+
+
+def _human(event: dict[str, Any]) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["t"]))
+    parts = [stamp, f"#{event['seq']}", event["type"]]
+    for field in ("phase", "part", "detail", "message", "output"):
+        if field in event:
+            parts.append(str(event[field]))
+    if "done" in event:
+        parts.append(_amount(event["done"], event.get("total"), event.get("unit")).strip())
+    return "  ".join(parts)
+
+
+@eta_app.command("fit")
+def eta_fit(
+    logs_: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="LOG...", help="Event logs; without them, the logs of your finished jobs.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the model JSON "
+                                                   "(default: your model, used by every render).")] = None,
+) -> None:
+    """Fit the timing model from event logs."""
+    with _errors_to_exit():
+        from clipexport.progress import fit_logs, user_model_path
+
+        store = _store()
+        paths = logs_ or [store.log_path(r.id) for r in store.all() if r.state == JobState.DONE]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise UsageError(f"{missing[0]}: no such log")
+        if not paths:
+            raise UsageError("no finished jobs to fit from; give LOG files")
+        target = output or user_model_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fit_logs(paths).save(target)
+        _say(f"fitted {len(paths)} logs into {target}")
+
+
+@eta_app.command("replay")
+def eta_replay(
+    traces: Annotated[list[Path], typer.Argument(metavar="TRACE...", help="Event logs to replay.")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="A timing model JSON (default: yours).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input event (the default).")] = True,
+) -> None:
+    """Replay traces through the live estimator; print its prediction at each event."""
+    with _errors_to_exit():
+        from clipexport.progress import load_model, replay_traces
+
+        missing = [p for p in traces if not p.is_file()]
+        if missing:
+            raise UsageError(f"{missing[0]}: no such trace")
+        for line in replay_traces(traces, load_model(model)):
+            _json_line(line)
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=os.environ.get("CLIPEXPORT_LOG_LEVEL", "WARNING"), stream=sys.stderr,

@@ -11,6 +11,7 @@ key, which exists only once complete), the output (renamed into place last).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from clipexport.errors import (
     ClipexportError,
     InputError,
     Interrupted,
+    JobLookupError,
     ModelError,
     OutputError,
     EXIT_SIGINT,
@@ -151,9 +153,11 @@ class JobRunner:
         self._accept_changed = accept_changed_inputs
         self._fraction = fraction
         self._last_seq: int | None = None
-        self._log = events.EventLog(store.log_path(record.id))
+        log_path = store.log_path(record.id)
+        next_seq = max(record.last_seq, events.last_seq(log_path)) + 1  # a killed client may not have stored it
+        self._log = events.EventLog(log_path)
         self.emitter = events.Emitter(
-            record.id, [self._log, events.log_sink, self._remember_seq, *sinks], next_seq=record.last_seq + 1
+            record.id, [self._log, events.log_sink, self._remember_seq, *sinks], next_seq=next_seq
         )
         self.stop = threading.Event()
 
@@ -165,8 +169,7 @@ class JobRunner:
 
     def run(self, prepared: Prepared) -> Path:
         """Run the job to completion; on any stop the job stays resumable."""
-        out = Path(self.spec.output)
-        tmp = out.with_name(f".{out.stem}.{self.job}.partial{out.suffix}")
+        out, tmp = Path(self.spec.output), partial_output(self.spec, self.job)
         try:
             self._run(prepared, out, tmp)
         except KeyboardInterrupt:
@@ -260,6 +263,7 @@ class JobRunner:
         tasks = []
         for seg in prepared.segments:
             key = self._key(prepared, hashes, seg)
+            self.store.set_fact(self.job, f"segkey:{seg.name}", key)
             if (self.segment_root / key).is_file():
                 self._count_finished(seg)
                 continue
@@ -303,3 +307,48 @@ class JobRunner:
         total = sum(i.size_bytes for i in prepared.infos)
         event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
         self.store.set_fact(self.job, "plan_t", event["t"])
+
+
+def partial_output(spec: JobSpec, job_id: str) -> Path:
+    """The temporary name the output is written under before its rename."""
+    out = Path(spec.output)
+    return out.with_name(f".{out.stem}.{job_id}.partial{out.suffix}")
+
+
+def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool = False,
+               wait_s: float = 15.0) -> JobRecord:
+    """Stop a job's local work, drop its temporary files, mark it cancelled.
+
+    A live client is sent SIGTERM and given `wait_s` to stop cleanly (it
+    keeps every finished segment). Finished segments stay in the store for
+    other jobs to reuse unless `purge`.
+    """
+    record = store.get(job_id)
+    if record.state in (JobState.DONE, JobState.CANCELLED):
+        raise JobLookupError(f"job {job_id} is already {record.state.value}")
+    _stop_client(store, record, wait_s)
+    partial_output(record.spec, job_id).unlink(missing_ok=True)
+    if purge:
+        for key in store.facts(job_id, "segkey:").values():
+            (segment_root / key).unlink(missing_ok=True)
+    record = store.transition(job_id, JobState.CANCELLED, "cancelled by user")
+    log_path = store.log_path(job_id)
+    log = events.EventLog(log_path)
+    try:
+        events.Emitter(job_id, [log, events.log_sink], next_seq=events.last_seq(log_path) + 1)(
+            "cancelled", purged=purge)
+    finally:
+        log.close()
+    return record
+
+
+def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> None:
+    if record.state != JobState.RUNNING or not record.pid or record.pid == os.getpid():
+        return
+    try:
+        os.kill(record.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and store.get(record.id).state == JobState.RUNNING:
+        time.sleep(0.1)

@@ -1,0 +1,72 @@
+"""The event contract in code: stamping, validation, the log, log lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clipexport import events
+
+
+def make_emitter(sink, next_seq=0):
+    clock = iter(range(100, 200))
+    return events.Emitter("cx-000001", [sink], next_seq=next_seq, clock=lambda: float(next(clock)))
+
+
+def test_emitter_stamps_seq_time_and_keeps_extra_fields():
+    got = []
+    emit = make_emitter(got.append, next_seq=7)
+    emit("progress", phase="upscale", part="seg-0001", unit="frames", done=3, total=10, attempt=1, worker="w1")
+    emit("heartbeat", phase="queue", detail="cold start")
+    assert [e["seq"] for e in got] == [7, 8]
+    assert [e["t"] for e in got] == [100.0, 101.0]
+    assert got[0]["worker"] == "w1" and got[0]["v"] == 1 and got[0]["job"] == "cx-000001"
+    for event in got:
+        events.validate_event(event)
+
+
+def test_partial_event_cannot_override_stamped_fields():
+    got = []
+    make_emitter(got.append).emit({"type": "heartbeat", "phase": "queue", "seq": 99, "job": "other"})
+    assert got[0]["seq"] == 0 and got[0]["job"] == "cx-000001"
+
+
+@pytest.mark.parametrize(
+    "event, problem",
+    [
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "nope"}, "unknown event type"),
+        ({"v": 2, "job": "j", "seq": 0, "t": 1.0, "type": "done", "output": "x"}, "version"),
+        ({"v": 1, "job": "j", "seq": "0", "t": 1.0, "type": "done", "output": "x"}, "seq"),
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "progress", "phase": "upscale"}, "done"),
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "error", "message": "m"}, "resumable"),
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "plan", "phases": []}, "phases"),
+    ],
+)
+def test_validate_rejects(event, problem):
+    with pytest.raises(ValueError, match=problem):
+        events.validate_event(event)
+
+
+def test_log_survives_a_line_cut_by_a_crash(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = events.EventLog(path)
+    emit = make_emitter(log)
+    emit("phase_start", phase="prepare")
+    emit("phase_end", phase="prepare", elapsed=1.5)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"v":1,"job":"cx-000001","seq":2,"t"')
+    assert [e["seq"] for e in events.read_events(path)] == [0, 1]
+    assert events.last_seq(path) == 1
+    assert events.last_seq(tmp_path / "missing.jsonl") == -1
+
+
+def test_log_line_for_phase_end():
+    event = {"v": 1, "job": "cx-3f9a1c", "seq": 41, "t": 1.0, "type": "phase_end", "phase": "upscale",
+             "unit": "frames", "done": 1440, "elapsed": 83.412}
+    assert events.log_line(event) == (
+        "[Progress Event] job=cx-3f9a1c phase=upscale event=phase_end elapsed=83.412 frames=1440 fps_actual=17.3"
+    )
+    assert events.log_line({**event, "type": "progress"}) is None
+    json.dumps(event)
