@@ -1,7 +1,7 @@
 """Small real clips for tests, generated with PyAV (no ffmpeg binary).
 
-Import from a test module as ``from clips import make_clip, read_index``
-(pytest puts ``tests/`` on ``sys.path``).
+Import from a test module as ``from tests.clips import make_clip, read_index``
+(``tests`` is a package).
 
 Frame index pattern: with ``index_blocks=True`` frame ``i`` shows ``i mod 256``
 in binary as 8 vertical bands across the full width, most significant bit on
@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import NamedTuple
 
 import av
 import numpy as np
@@ -61,10 +60,10 @@ def _noise_image(index: int, width: int, height: int) -> np.ndarray:
     return np.ascontiguousarray(np.kron(base, np.ones((4, 4, 1), np.uint8))[:height, :width])
 
 
-def _audio_frames(samples: int, rate: int, layout: str, tone: float, codec: str):
+def _audio_frames(samples: int, rate: int, layout: str, tone: float, codec: str, tone_start: float = 0.0):
     channels = 1 if layout == "mono" else 2
     t = np.arange(samples) / rate
-    wave = (0.3 * np.sin(2 * math.pi * tone * t)).astype(np.float32)
+    wave = (0.3 * np.sin(2 * math.pi * tone * t) * (t >= tone_start)).astype(np.float32)
     data = np.repeat(wave[None, :], channels, axis=0)
     fmt = "flt" if codec in ("libopus", "opus") else "fltp"
     pos = 0
@@ -97,6 +96,7 @@ def make_clip(
     audio_codec: str = "aac",
     audio_layout: str = "stereo",
     tone: float = 440.0,
+    tone_start: float = 0.0,
     faststart: bool = False,
     gop: int | None = None,
 ) -> Path:
@@ -105,7 +105,7 @@ def make_clip(
     * ``index_blocks``: frames show their index (see :func:`read_index`), else noise.
     * ``audio``: a sine tone of exactly the video's duration (``frames / fps``,
       or the span of ``frame_times`` plus one average frame), ``audio_codec``
-      (AAC by default; e.g. "libopus" in .mkv).
+      (AAC by default; e.g. "libopus" in .mkv), silent before ``tone_start`` seconds.
     * ``rotation``: clockwise degrees a player must rotate the picture by
       (written as a display matrix), like a phone shooting portrait.
     * ``frame_times``: presentation time of each frame in seconds, for a
@@ -156,7 +156,7 @@ def make_clip(
         container.mux(packet)
     if astream is not None:
         samples = round(duration * audio_rate)
-        for frame in _audio_frames(samples, audio_rate, audio_layout, tone, audio_codec):
+        for frame in _audio_frames(samples, audio_rate, audio_layout, tone, audio_codec, tone_start):
             for packet in astream.encode(frame):
                 container.mux(packet)
         for packet in astream.encode(None):
@@ -202,31 +202,41 @@ def _cut_in_half(src: Path, dst: Path) -> Path:
     return dst
 
 
-class BadFiles(NamedTuple):
-    """Paths of unusable inputs; iterating gives the paths."""
+class BadFiles(dict):
+    """Paths of unusable inputs by kind: ``bad["text"]`` or ``bad.text``; ``.values()`` gives all.
 
-    text: Path  # a text file named .mp4
-    audio_only: Path  # AAC in .m4a, no video stream
-    truncated: Path  # an .mp4 (index at the end) cut at half its bytes
-    empty: Path  # zero bytes, named .mp4
-    truncated_index: Path  # a faststart .mp4 (index at the front) cut at half its bytes
-    truncated_mkv: Path  # a Matroska file cut at half its bytes
-    no_frames: Path  # a Matroska file whose video track has no frame
+    Kinds: ``text`` (a text file named .mp4), ``audio_only`` (AAC in .m4a, no
+    video stream), ``truncated`` (an .mp4 with its index at the end, cut at
+    half its bytes: it no longer opens), ``empty`` (0 bytes, named .mp4),
+    ``truncated_index`` (a faststart .mp4, index at the front, cut at half:
+    opens, its index points past the end), ``truncated_mkv`` (Matroska cut at
+    half: opens, packets stop at half the header duration), ``no_frames``
+    (Matroska whose video track holds no frame).
+    """
+
+    def __getattr__(self, name: str) -> Path:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def make_bad_files(directory: Path) -> BadFiles:
-    """Write one of each kind of unusable input into ``directory``."""
+    """Write one of each kind of unusable input into ``directory`` (see :class:`BadFiles`)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     text = d / "notes.mp4"
     text.write_text("this is not a video\n")
     empty = d / "empty.mp4"
     empty.write_bytes(b"")
-    audio_only = make_audio_only(d / "voice.m4a")
-    truncated = _cut_in_half(make_clip(d / "full.mp4", frames=48, index_blocks=False), d / "truncated.mp4")
-    truncated_index = _cut_in_half(
-        make_clip(d / "full_fs.mp4", frames=48, index_blocks=False, faststart=True), d / "truncated_index.mp4"
+    return BadFiles(
+        text=text,
+        audio_only=make_audio_only(d / "voice.m4a"),
+        truncated=_cut_in_half(make_clip(d / "full.mp4", frames=48, index_blocks=False), d / "truncated.mp4"),
+        empty=empty,
+        truncated_index=_cut_in_half(
+            make_clip(d / "full_fs.mp4", frames=48, index_blocks=False, faststart=True), d / "truncated_index.mp4"
+        ),
+        truncated_mkv=_cut_in_half(make_clip(d / "full.mkv", frames=48, index_blocks=False), d / "truncated.mkv"),
+        no_frames=make_no_frames(d / "no_frames.mkv"),
     )
-    truncated_mkv = _cut_in_half(make_clip(d / "full.mkv", frames=48, index_blocks=False), d / "truncated.mkv")
-    no_frames = make_no_frames(d / "no_frames.mkv")
-    return BadFiles(text, audio_only, truncated, empty, truncated_index, truncated_mkv, no_frames)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -1330,11 +1329,11 @@ def concat_and_mux(
     if known and counted != total:
         raise SegmentError(f"{out}: the segments hold {counted} frames, the plan expects {total}")
 
-    first = _open_segment(segments[0])
     audio_mode: str | None = None
     if any(p.info.has_audio for p in plans):
         audio_mode = "copy" if len(plans) == 1 and _copy_audio_ok(plans[0], fmt) else "aac"
 
+    first = _open_segment(segments[0])
     options = {"movflags": "+faststart"} if (faststart and fmt in ("mp4", "mov")) else {}
     try:
         out_c = av.open(str(out), "w", format=fmt, options=options)
