@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -77,7 +78,7 @@ def _check_output(spec: JobSpec, force: bool) -> None:
         raise OutputError(f"{out}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
+    if not _writable(out.parent):
         raise OutputError(f"{out}: directory {out.parent} is not writable")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory")
@@ -87,6 +88,15 @@ def _check_output(spec: JobSpec, force: bool) -> None:
     for inp in spec.inputs:
         if Path(inp).resolve() == resolved:
             raise OutputError(f"{out}: output would overwrite an input")
+
+
+def _writable(directory: Path) -> bool:
+    """Try it: permission bits say nothing for root or read-only mounts."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".clipexport-probe-"):
+            return True
+    except OSError:
+        return False
 
 
 def _trim(value: list[float] | None) -> tuple[float, float] | None:
