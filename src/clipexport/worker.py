@@ -45,6 +45,7 @@ class SegmentTask:
     codec: str = "h264"
     crf: int | None = None
     attempt: int = 1
+    input_key: str | None = None  # where a remote worker fetches the clip from the store
 
 
 def segment_key(
