@@ -562,6 +562,20 @@ def test_trimmed_audio_is_aligned_with_the_video(tmp_path: Path) -> None:
     assert abs(audio_seconds(out) - 0.75) <= 1 / 24
 
 
+def test_trim_late_in_a_matroska_clip(tmp_path: Path) -> None:
+    # Seeking (start > 1 s) by the Matroska cues, Opus decoded and re-encoded; tone from 1.25 s.
+    clip = make_clip(tmp_path / "late.mkv", frames=48, gop=10, audio_codec="libopus", tone_start=1.25)
+    plans = [one_plan(clip, trim=(1.125, 1.75))]
+    assert (plans[0].start_frame, plans[0].frames) == (27, 15)
+    out = render(plans, tmp_path, "mkvtrim", scale=1, segment_frames=6)
+    assert decode_indices(out) == list(range(27, 42))
+    assert abs(audio_seconds(out) - 0.625) <= 1 / 24
+    with av.open(str(out)) as c:
+        rate = c.streams.audio[0].sample_rate
+        pcm = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
+    assert int(np.argmax(np.abs(pcm) > 0.05)) / rate == pytest.approx(0.125, abs=0.01)
+
+
 def test_round_trip_no_audio_anywhere(tmp_path: Path, clip30: Path) -> None:
     out = render([one_plan(clip30)], tmp_path, "silent")
     with av.open(str(out)) as c:

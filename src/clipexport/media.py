@@ -553,7 +553,7 @@ def plan_clips(
             end = clip_end
         else:
             a, b = trim
-            if not (a >= 0) or math.isnan(a) or math.isnan(b) or not (b > a):
+            if not (math.isfinite(a) and a >= 0) or math.isnan(b) or not (b > a):
                 raise UsageError(f"{info.path}: bad trim {_seconds(a)}-{_seconds(b)}")
             if Fraction(a) >= clip_end:
                 raise UsageError(
@@ -718,7 +718,8 @@ def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]
                 container.seek(0, backward=True)
                 v.codec_context.flush_buffers()
             seek_pts = origin + math.floor(first_target / tb)
-            if attempt == 0 and first_target > 0 and seek_pts > origin:
+            sought = attempt == 0 and first_target > 0 and seek_pts > origin
+            if sought:
                 container.seek(seek_pts, stream=v, backward=True)
             elif attempt == 1 and origin != 0:
                 container.seek(origin, stream=v, backward=True)
@@ -736,19 +737,24 @@ def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]
                 )
                 if cand_s is not None and s <= cand_s:
                     continue  # non-increasing pts: a damaged or duplicate frame
-                while k < end and s > t0 + Fraction(k) / fps_t + tol:
-                    if cand is None:
-                        restart = True  # landed after the target: decode from the start
+                if cand is None and s > first_target + tol:
+                    if sought:
+                        restart = True  # the seek landed after the target: decode from the start
                         break
+                    # Decoding from the start and the first decodable frame comes late
+                    # (leading frames lost): it stands in for the times before it.
+                    cand, cand_s = frame, s
+                while k < end and s > t0 + Fraction(k) / fps_t + tol:
                     if cand_arr is None:
                         cand_arr = convert(cand)
                     yield cand_arr.copy() if cand_used else cand_arr
                     cand_used = True
                     k += 1
-                if restart or k >= end:
+                if k >= end:
                     break
-                cand, cand_s, cand_arr, cand_used = frame, s, None, False
-            if restart and attempt == 0:
+                if cand is not frame:
+                    cand, cand_s, cand_arr, cand_used = frame, s, None, False
+            if restart:
                 continue
             if cand is None:
                 raise InputError(f"{path}: no decodable video frames where frame {start} was expected")
@@ -1168,10 +1174,12 @@ def _clip_pcm(plan: ClipPlan, rate: int, layout: str, nsamples: int) -> Iterator
     with _open_input(path) as container:
         a = container.streams.audio[0]
         start = _origin(container, _video_stream(container)) + plan.start_time
-        atb = Fraction(a.time_base)
         try:
             if start > 1:
-                container.seek(math.floor((start - 1) / atb), stream=a, backward=True)
+                try:  # by the default (video) stream's index; audio follows
+                    container.seek(math.floor((start - 1) * av.time_base), backward=True)
+                except _AV_ERRORS:
+                    pass  # not seekable: decode from the start, which is where we are
             window: _Window | None = None
             resampler: Any = None
             signature: tuple[Any, ...] | None = None
