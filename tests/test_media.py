@@ -321,6 +321,14 @@ def test_read_frames_segment_boundaries(clip24: Path, cuts: list[int]) -> None:
     assert got == list(range(48))
 
 
+def test_read_frames_arguments(clip24: Path) -> None:
+    plan = one_plan(clip24)
+    assert list(read_frames(plan, 48, 0)) == []
+    for start, count in [(-1, 2), (0, -1), (40, 9)]:
+        with pytest.raises(ValueError):
+            list(read_frames(plan, start, count))
+
+
 def test_read_frames_mkv_rounded_timestamps(clip_mkv: Path) -> None:
     plan = one_plan(clip_mkv)
     assert indices(plan, 0, 13) + indices(plan, 13, 11) + indices(plan, 24, 12) == list(range(36))

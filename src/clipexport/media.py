@@ -229,7 +229,9 @@ def _count_by_demux(path: Path, container: Any, vindex: int) -> tuple[int, Fract
                     vfirst = start if vfirst is None else min(vfirst, start)
                     vend = end if vend is None else max(vend, end)
     except _AV_ERRORS as exc:
-        raise InputError(f"{path}: corrupt or truncated video, reading failed after {frames} frames ({_reason(exc)})") from exc
+        raise InputError(
+            f"{path}: corrupt or truncated video, reading failed after {frames} frames ({_reason(exc)})"
+        ) from exc
     vdur = (vend - vfirst) if (vfirst is not None and vend is not None) else None
     if all_end is not None and container.start_time is not None:
         all_end -= Fraction(container.start_time, av.time_base)
@@ -684,8 +686,8 @@ def read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
     Packets the decoder rejects are skipped, as FFmpeg does; a demux failure
     raises InputError naming the file.
     """
-    if start < 0 or count < 0:
-        raise ValueError("read_frames: start and count must be non-negative")
+    if start < 0 or count < 0 or start + count > plan.frames:
+        raise ValueError(f"read_frames: frames {start}..{start + count} outside the clip's {plan.frames}")
     if count == 0:
         return
     path = plan.info.path
