@@ -112,6 +112,14 @@ def render(
     crf: Annotated[Optional[int], typer.Option(help="Constant rate factor (default 18 for h264, 20 for hevc).")] = None,
     segment_frames: Annotated[Optional[int], typer.Option(help="Frames per segment, the unit of work and resume.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (local backend).")] = None,
+    backend: Annotated[Optional[str], typer.Option(help="local (default: this machine) or modal (cloud GPUs; "
+                                                        "needs --storage).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="r2://bucket/prefix, s3://bucket/prefix or file:///dir: "
+                                                        "upload inputs there and fetch segments back.")] = None,
+    endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint (else CLIPEXPORT_S3_ENDPOINT, "
+                                                             "or R2_ACCOUNT_ID for r2://).")] = None,
+    parallel: Annotated[Optional[int], typer.Option(help="Containers at once (modal backend).")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="GPU type for the modal backend (default L4).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the estimated time per phase; run nothing.")] = False,
     json_out: JsonOpt = False,
@@ -124,8 +132,9 @@ def render(
     """
     with _errors_to_exit():
         settings = config.load_settings(
-            {"model": model, "scale": scale, "codec": codec, "crf": crf,
-             "segment_frames": segment_frames, "device": device}
+            {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
+             "device": device, "backend": backend, "storage": storage, "endpoint_url": endpoint_url,
+             "parallel": parallel, "gpu": gpu}
         )
         spec = _spec(inputs, output, settings, weights, trim, crop)
         from clipexport.orchestrator import prepare_job
@@ -158,6 +167,12 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         raise UsageError(f"unknown codec {settings.codec!r}: use h264 or hevc")
     if settings.segment_frames < 1:
         raise UsageError("--segment-frames must be at least 1")
+    if settings.parallel < 1:
+        raise UsageError("--parallel must be at least 1")
+    if settings.backend not in ("local", "modal"):
+        raise UsageError(f"unknown backend {settings.backend!r}: use local or modal")
+    if settings.backend == "modal" and not settings.storage:
+        raise UsageError("--backend modal needs --storage r2://bucket/prefix (or s3://) for the inputs and segments")
     from clipexport.upscale.registry import MODELS
 
     native = MODELS[settings.model].native_scale if settings.model in MODELS else 4
@@ -174,6 +189,10 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         crf=settings.crf,
         segment_frames=settings.segment_frames,
         backend=settings.backend,
+        storage=settings.storage,
+        endpoint_url=settings.endpoint_url,
+        parallel=settings.parallel,
+        gpu=settings.gpu if settings.backend != "local" else None,
         device=settings.device,
     )
 
@@ -202,8 +221,11 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     from clipexport.orchestrator import JobRunner
     from clipexport.progress import Tracker, load_model
     from clipexport.progress.display import choose_mode, make_display
+    from clipexport.storage import open_storage
 
     _install_signal_handlers()
+    spec = record.spec
+    storage = None if spec.storage is None else open_storage(spec.storage, endpoint_url=spec.endpoint_url)
     tracker = Tracker(load_model(), floor=record.fraction)
     if not fresh:
         for event in events.read_events(store.log_path(record.id)):
@@ -214,10 +236,11 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
-            backend_factory=lambda spec: create_backend(spec, segment_root),
+            backend_factory=lambda spec: create_backend(spec, segment_root, storage),
             sinks=[display.handle],
             accept_changed_inputs=force,
             fraction=lambda: tracker.snapshot(time.time()).fraction,
+            storage=storage,
         )
         if fresh:
             runner.emit_plan(prepared, backend=record.spec.backend, device=record.spec.device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -35,6 +36,8 @@ class Emitter:
 
     `seq` continues from `next_seq`, so a resumed job keeps one strictly
     increasing sequence across runs. The clock is injected for tests.
+    Thread-safe: transfers and backends emit from their own threads, and
+    sinks see events in `seq` order.
     """
 
     def __init__(
@@ -49,14 +52,16 @@ class Emitter:
         self.sinks: list[Sink] = list(sinks)
         self.next_seq = next_seq
         self._clock = clock
+        self._lock = threading.Lock()
 
     def emit(self, partial: Event) -> Event:
         """Stamp `partial` (left unchanged) and deliver the full event."""
-        event: Event = {"v": VERSION, "job": self.job, "seq": self.next_seq, "t": round(self._clock(), 3)}
-        event.update({k: v for k, v in partial.items() if k not in event})
-        self.next_seq += 1
-        for sink in self.sinks:
-            sink(event)
+        with self._lock:
+            event: Event = {"v": VERSION, "job": self.job, "seq": self.next_seq, "t": round(self._clock(), 3)}
+            event.update({k: v for k, v in partial.items() if k not in event})
+            self.next_seq += 1
+            for sink in self.sinks:
+                sink(event)
         return event
 
     def __call__(self, type_: str, **fields: Any) -> Event:

@@ -33,7 +33,8 @@ from clipexport.errors import (
 )
 from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
 from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
-from clipexport.storage import hash_file
+from clipexport.storage import Storage, hash_file
+from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, segment_key
 
@@ -56,7 +57,9 @@ def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
     _check_model(spec)
     _check_output(spec, force)
     infos = [probe(Path(p)) for p in spec.inputs]
-    plans = plan_clips(infos, [_trim(t) for t in spec.trims], [_crop(c) for c in spec.crops])
+    trims = spec.trims or [None] * len(infos)
+    crops = spec.crops or [None] * len(infos)
+    plans = plan_clips(infos, [_trim(t) for t in trims], [_crop(c) for c in crops])
     segments = plan_segments([p.frames for p in plans], spec.segment_frames)
     return Prepared(spec, infos, plans, segments)
 
@@ -108,15 +111,23 @@ def _crop(value: list[int] | None) -> Crop | None:
 
 
 def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: str) -> dict[str, Any]:
-    """The `plan` event: all the work up front, and the features an ETA needs."""
+    """The `plan` event: all the work up front, and the features an ETA needs.
+
+    A job with a store uploads its inputs and downloads its segments; a
+    remote backend also waits for a container (`queue`).
+    """
     spec, first = prepared.spec, prepared.plans[0]
     frames = sum(p.frames for p in prepared.plans)
     width, height = first.size
+    stored, remote = spec.storage is not None, backend != "local"
     phases = [
         {"phase": "prepare", "unit": "bytes", "total": input_bytes},
+        *([{"phase": "upload", "unit": "bytes", "total": input_bytes}] if stored else []),
+        *([{"phase": "queue", "unit": None, "total": None}] if remote else []),
         {"phase": "load_model", "unit": None, "total": None},
         {"phase": "upscale", "unit": "frames", "total": frames},
         {"phase": "encode", "unit": "frames", "total": frames},
+        *([{"phase": "download", "unit": "bytes", "total": None}] if stored else []),
         {"phase": "finalize", "unit": None, "total": None},
     ]
     features = {
@@ -154,8 +165,12 @@ class JobRunner:
         sinks: Sequence[events.Sink] = (),
         accept_changed_inputs: bool = False,
         fraction: Callable[[], float] = lambda: 0.0,
+        storage: Storage | None = None,
     ) -> None:
         self.store = store
+        self.storage = storage
+        self._downloads: SegmentDownloader | None = None
+        self._keys: dict[str, str] = {}
         self.job = record.id
         self.spec = record.spec
         self.segment_root = segment_root
@@ -201,12 +216,20 @@ class JobRunner:
     def _run(self, prepared: Prepared, out: Path, tmp: Path) -> None:
         emit = self.emitter
         hashes = self._prepare(prepared)
-        tasks = self._pending_tasks(prepared, hashes)
+        input_keys: list[str | None] = [None] * len(hashes)
+        if self.storage is not None:
+            paths = [info.path for info in prepared.infos]
+            input_keys = list(upload_inputs(self.storage, paths, hashes, self.emitter.emit,
+                                            self.store.transfer_state(self.job)))
+            self._downloads = SegmentDownloader(self.storage, self.segment_root, self.emitter.emit)
+        tasks = self._pending_tasks(prepared, hashes, input_keys)
         frames = sum(p.frames for p in prepared.plans)
         emit("phase_start", phase="upscale", unit="frames", total=frames)
         emit("phase_start", phase="encode", unit="frames", total=frames)
         started = time.monotonic()
         self._backend_factory(self.spec).run(tasks, self._relay, self.stop)
+        if self._downloads is not None:
+            self._downloads.finish()
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
@@ -217,6 +240,8 @@ class JobRunner:
         event = self.emitter.emit(partial)
         if event["type"] == "phase_end" and event.get("phase") == "encode" and "part" in event:
             self.store.set_fact(self.job, f"segment:{event['part']}", {"attempt": event.get("attempt", 1)})
+            if self._downloads is not None:
+                self._downloads.add(event["part"], self._keys[event["part"]])
 
     def _prepare(self, prepared: Prepared) -> list[str]:
         """Hash the inputs (byte progress); reuse hashes of unchanged files."""
@@ -268,19 +293,27 @@ class JobRunner:
             self.store.set_fact(self.job, "weights", known)
         return known
 
-    def _pending_tasks(self, prepared: Prepared, hashes: list[str]) -> list[SegmentTask]:
-        """Tasks for segments not stored yet; stored ones count as done."""
+    def _pending_tasks(self, prepared: Prepared, hashes: list[str], input_keys: list[str | None]) -> list[SegmentTask]:
+        """Tasks for segments not finished yet; finished ones count as done.
+
+        A segment is finished when its file is here, or (with a store) when
+        the store has it: then only its download is left.
+        """
         tasks = []
         for seg in prepared.segments:
-            key = self._key(prepared, hashes, seg)
+            key = self._keys[seg.name] = self._key(prepared, hashes, seg)
             self.store.set_fact(self.job, f"segkey:{seg.name}", key)
             if (self.segment_root / key).is_file():
                 self._count_finished(seg)
                 continue
+            if self._downloads is not None and self.storage is not None and self.storage.stat(key) is not None:
+                self._count_finished(seg)
+                self._downloads.add(seg.name, key)
+                continue
             previous = self.store.fact(self.job, f"attempt:{seg.name}") or 0
             self.store.set_fact(self.job, f"attempt:{seg.name}", previous + 1)
-            tasks.append(SegmentTask(self.job, seg, prepared.plans[seg.clip], key,
-                                     codec=self.spec.codec, crf=self.spec.crf, attempt=previous + 1))
+            tasks.append(SegmentTask(self.job, seg, prepared.plans[seg.clip], key, codec=self.spec.codec,
+                                     crf=self.spec.crf, attempt=previous + 1, input_key=input_keys[seg.clip]))
         return tasks
 
     def _count_finished(self, seg: Segment) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 from clipexport.backends.base import Backend, EmitFn
 from clipexport.errors import UsageError
 from clipexport.jobs import JobSpec
+from clipexport.storage import Storage
 
 __all__ = ["Backend", "EmitFn", "create_backend"]
 
 
-def create_backend(spec: JobSpec, segment_root: Path) -> Backend:
+def create_backend(spec: JobSpec, segment_root: Path, storage: Storage | None = None) -> Backend:
     """The backend a spec names; torch and modal are imported only here, lazily."""
     if spec.backend == "local":
         from clipexport.backends.local import LocalBackend
@@ -22,5 +23,5 @@ def create_backend(spec: JobSpec, segment_root: Path) -> Backend:
         def loader(on_bytes):  # type: ignore[no-untyped-def]
             return load_upscaler(spec.model, scale=spec.scale, weights=weights, device=spec.device, progress=on_bytes)
 
-        return LocalBackend(loader, segment_root)
+        return LocalBackend(loader, segment_root, storage)
     raise UsageError(f"unknown backend {spec.backend!r}: use local or modal")

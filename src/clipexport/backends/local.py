@@ -16,6 +16,7 @@ from typing import Any
 
 from clipexport.backends.base import EmitFn
 from clipexport.errors import Interrupted
+from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
 
 HEARTBEAT_S = 1.0
@@ -24,13 +25,19 @@ Loader = Callable[[Callable[[int, int | None], None]], FrameUpscaler]
 
 
 class LocalBackend:
-    """Runs the worker body in-process; segment files land under `root`."""
+    """Runs the worker body in-process; segment files land under `root`.
+
+    With a `storage`, it behaves as a remote worker would: the segment is
+    written to a scratch file under `root`, put into the store, and only
+    then announced as encoded, so the client downloads it from the store.
+    """
 
     name = "local"
 
-    def __init__(self, loader: Loader, root: Path) -> None:
+    def __init__(self, loader: Loader, root: Path, storage: Storage | None = None) -> None:
         self._loader = loader
         self.root = root
+        self._storage = storage
         self._upscaler: FrameUpscaler | None = None
 
     def run(self, tasks: Sequence[SegmentTask], emit: EmitFn, stop: threading.Event) -> None:
@@ -40,8 +47,25 @@ class LocalBackend:
         for task in tasks:
             if stop.is_set():
                 raise Interrupted("stopped before all segments were done")
-            for event in run_segment(task, upscaler, self.root / task.key):
-                emit(event)
+            if self._storage is None:
+                for event in run_segment(task, upscaler, self.root / task.key):
+                    emit(event)
+            else:
+                self._run_to_store(task, upscaler, emit)
+
+    def _run_to_store(self, task: SegmentTask, upscaler: FrameUpscaler, emit: EmitFn) -> None:
+        scratch = self.root / "scratch" / task.key
+        last = None
+        try:
+            for event in run_segment(task, upscaler, scratch):
+                if last is not None:
+                    emit(last)
+                last = event
+            self._storage.put_file(task.key, scratch)  # type: ignore[union-attr]
+        finally:
+            scratch.unlink(missing_ok=True)
+        if last is not None:
+            emit(last)
 
     def _load(self, emit: EmitFn) -> FrameUpscaler:
         """Load the model once, with heartbeats (and download bytes) meanwhile."""
