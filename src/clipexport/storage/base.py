@@ -275,11 +275,11 @@ class Reporter:
         self,
         progress: Progress | None,
         *,
-        interval: float = PROGRESS_INTERVAL_S,
+        interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._progress = progress
-        self._interval = interval
+        self._interval = PROGRESS_INTERVAL_S if interval is None else interval
         self._clock = clock
         self._sent = -1
         self._last = float("-inf")
