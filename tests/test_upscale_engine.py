@@ -177,6 +177,17 @@ def test_devices():
         assert load_upscaler(ANIME, device="auto").device == "cpu"
 
 
+def test_cpu_bfloat16_is_opt_in_and_close(anime, monkeypatch):
+    monkeypatch.setenv("CLIPEXPORT_CPU_DTYPE", "bfloat16")
+    bf16 = load_upscaler(ANIME, device="cpu", tile=0)
+    assert bf16.dtype == torch.bfloat16 and anime.dtype == torch.float32
+    batch = frames(2, 24, 32, seed=10)
+    assert_close(bf16.upscale(batch), anime.upscale(batch), levels=8)
+    monkeypatch.setenv("CLIPEXPORT_CPU_DTYPE", "float16")
+    with pytest.raises(UsageError, match="CLIPEXPORT_CPU_DTYPE"):
+        load_upscaler(ANIME, device="cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_half_matches_cpu(anime):
     gpu = load_upscaler(ANIME, device="cuda")
