@@ -32,6 +32,9 @@ class ModelSpec:
     arch_kwargs: dict = field(default_factory=dict)
     offline: str | None = None
 
+    def __hash__(self) -> int:  # arch_kwargs is a dict: hash by identity of the file instead
+        return hash((self.name, self.url, self.sha256))
+
     @property
     def filename(self) -> str:
         """The official file's name (the last part of its URL)."""
