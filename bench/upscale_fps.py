@@ -90,13 +90,14 @@ def sync(device: torch.device) -> None:
 
 
 def run_naive(clip: Path, dst: Path, net: torch.nn.Module, device: torch.device, scale: int, keep: list) -> float:
+    dtype = next(net.parameters()).dtype  # float32; float16 on CUDA, as the reference's --half
     start = time.perf_counter()
     frames = list(decode(clip))  # the reference reads everything first
     h, w = frames[0].shape[:2]
     enc = Encoder(dst, w * scale, h * scale)
     for img in frames:
         x = img.astype(np.float32) / 255.0
-        x = torch.from_numpy(np.transpose(x, (2, 0, 1))).float().unsqueeze(0).to(device)
+        x = torch.from_numpy(np.transpose(x, (2, 0, 1))).float().unsqueeze(0).to(device=device, dtype=dtype)
         with torch.no_grad():
             y = net(x)
         sync(device)
@@ -131,7 +132,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the opt-in CPU bfloat16 row")
     args = ap.parse_args()
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        ap.error(f"--size {args.size!r}: expected WIDTHxHEIGHT")
+    if width % 2 or height % 2 or width < 16 or height < 16:
+        ap.error("--size: width and height must be even and at least 16 (x264, yuv420p)")
+    if args.frames < 1 or args.repeat < 1:
+        ap.error("--frames and --repeat must be at least 1")
 
     up = load_upscaler(args.model, device=args.device)
     up_bf16 = None
