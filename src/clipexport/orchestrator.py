@@ -71,8 +71,12 @@ def _check_model(spec: JobSpec) -> None:
     if spec.scale not in (2, 4) or spec.scale > model.native_scale:
         supported = [s for s in (2, 4) if s <= model.native_scale]
         raise ModelError(f"model {spec.model} supports --scale {' or '.join(map(str, supported))}, not {spec.scale}")
-    if spec.weights is not None and not Path(spec.weights).is_file():
-        raise ModelError(f"{spec.weights}: weights file not found")
+    if spec.weights is not None:
+        if not Path(spec.weights).is_file():
+            raise ModelError(f"{spec.weights}: weights file not found")
+        from clipexport.upscale import load_upscaler
+
+        load_upscaler(spec.model, scale=spec.scale, weights=Path(spec.weights), device="cpu")  # fits the arch?
 
 
 def _check_output(spec: JobSpec, force: bool) -> None:

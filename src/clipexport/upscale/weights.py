@@ -10,7 +10,7 @@ Resolution, for ``load_upscaler(model, weights=...)`` (first that applies):
    the model's architecture key for key and shape for shape, else ModelError
    names the file and the first key that does not fit.
 2. The cache, ``<cache>/weights/`` where ``<cache>`` is ``$CLIPEXPORT_CACHE_DIR``
-   or else ``platformdirs.user_cache_dir("clipexport")``:
+   or else ``CLIPEXPORT_HOME/cache``, or else the user cache dir:
 
    * the official file (``RealESRGAN_x4plus.pth``, ...), verified against the
      pinned sha256 when it was downloaded. A sidecar ``<file>.sha256`` (JSON:
@@ -52,10 +52,10 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import platformdirs
 import torch
 from torch import nn
 
+from clipexport import config
 from clipexport.errors import ModelError
 from clipexport.upscale import ncnn
 from clipexport.upscale.registry import ModelSpec
@@ -72,7 +72,6 @@ __all__ = [
 
 Progress = Callable[[int, "int | None"], None]
 
-ENV_CACHE = "CLIPEXPORT_CACHE_DIR"
 ENV_SOURCE = "CLIPEXPORT_WEIGHTS_SOURCE"
 SOURCES = ("auto", "offline", "download")
 CHUNK = 1 << 20
@@ -86,9 +85,12 @@ class DownloadFailed(ModelError):
 
 
 def cache_dir() -> Path:
-    """``<cache>/weights``; created on first write, not here."""
-    root = os.environ.get(ENV_CACHE) or platformdirs.user_cache_dir("clipexport")
-    return Path(root) / "weights"
+    """``<cache>/weights``; created on first write, not here.
+
+    ``<cache>`` follows the settings (``CLIPEXPORT_CACHE_DIR``, else
+    ``CLIPEXPORT_HOME``, else the user cache dir), as every other directory does.
+    """
+    return config.cache_dir() / "weights"
 
 
 def weights_source() -> str:
