@@ -66,6 +66,13 @@ def check_log(log: list[dict]) -> None:
     assert log[-1]["type"] == "done" and shown[-1] == 1.0
 
 
+def wait_for_a_finished_segment(home: Path, job: str) -> None:
+    store = JobStore(home / "state")
+    deadline = time.monotonic() + DEADLINE_S
+    while not store.facts(job, "segment:") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def clip(tmp_path: Path) -> Path:
     return make_clip(tmp_path / "clip.mp4", frames=60, width=64, height=36, fps=24)
@@ -82,10 +89,11 @@ def test_sigkill_at_random_moments_then_resume_is_frame_exact(tmp_path, clip, cl
     rng = random.Random(1234)
     proc = start("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6", "--progress", "plain")
     job = job_id_of(proc)
+    wait_for_a_finished_segment(clipexport_home, job)  # the first kill lands mid-job for sure
     kills, deadline = 0, time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:
         try:
-            code = proc.wait(timeout=rng.uniform(1.0, 4.0) if kills < 4 else DEADLINE_S)
+            code = proc.wait(timeout=(0 if kills == 0 else rng.uniform(0.3, 2.5)) if kills < 4 else DEADLINE_S)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -109,9 +117,7 @@ def test_signal_stops_cleanly_and_resume_finishes(tmp_path, clip, clipexport_hom
     proc = start("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6", "--progress", "plain")
     job = job_id_of(proc)
     store = JobStore(clipexport_home / "state")
-    deadline = time.monotonic() + DEADLINE_S
-    while not store.facts(job, "segment:") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_a_finished_segment(clipexport_home, job)
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == code
     stderr = proc.stderr.read()
@@ -133,9 +139,7 @@ def test_resume_refuses_a_changed_input(tmp_path, clip, clipexport_home):
     proc = start("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6", "--progress", "none")
     job = job_id_of(proc)
     store = JobStore(clipexport_home / "state")
-    deadline = time.monotonic() + DEADLINE_S
-    while not store.facts(job, "segment:") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_a_finished_segment(clipexport_home, job)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     make_clip(clip, frames=60, width=64, height=36, fps=24, audio=False)  # same name, new content
@@ -184,9 +188,7 @@ def test_cancel_marks_the_job_and_writes_a_cancelled_event(tmp_path, clip, clipe
     proc = start("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6", "--progress", "none")
     job = job_id_of(proc)
     store = JobStore(clipexport_home / "state")
-    deadline = time.monotonic() + DEADLINE_S
-    while not store.facts(job, "segment:") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for_a_finished_segment(clipexport_home, job)
     cancelled = subprocess.run([*CLI, "cancel", job, "--purge"], capture_output=True, text=True, timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
     proc.wait(timeout=60)
