@@ -374,6 +374,7 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
     if record.state in (JobState.DONE, JobState.CANCELLED):
         raise JobLookupError(f"job {job_id} is already {record.state.value}")
     _stop_client(store, record, wait_s)
+    _cancel_remote(store, record)
     partial_output(record.spec, job_id).unlink(missing_ok=True)
     if purge:
         for key in store.facts(job_id, "segkey:").values():
@@ -387,6 +388,19 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
     finally:
         log.close()
     return record
+
+
+def _cancel_remote(store: JobStore, record: JobRecord) -> None:
+    """Abort the job's unfinished multipart uploads and its remote calls."""
+    spec = record.spec
+    if spec.storage is not None:
+        from clipexport.storage import open_storage
+
+        open_storage(spec.storage, endpoint_url=spec.endpoint_url).abort_uploads(store.transfer_state(record.id))
+    if spec.backend == "modal":
+        from clipexport.backends.modal import cancel_calls
+
+        cancel_calls(store, record.id)
 
 
 def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> None:
