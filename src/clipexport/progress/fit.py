@@ -1,0 +1,469 @@
+"""Fit a `TimingModel` from event logs (`clipexport eta fit LOG... -o MODEL.json`).
+
+Each log is read with the same `JobState` aggregation a live job uses, then
+reduced to a few measurements per job: upload and download throughput,
+prepare speed, encoded bytes per output pixel, the wait of every container
+(warm or cold) and of every model load, seconds per frame of one container,
+the encoder's flush, finalize time against output size. Those become:
+
+- log-normal rate priors (upload throughput by size; download throughput by
+  the same job's upload throughput: a slow line is slow both ways);
+- quantile distributions for waits (warm start, cold start, model load) and
+  the chance that the k-th container finds a warm GPU;
+- seconds per frame: log(spf / input pixels) = mu + gpu + model + model@scale
+  + gpu|model@scale, fitted by backfitting with shrinkage, so a rare
+  combination borrows from its GPU and model, and an unseen GPU gets the
+  median GPU with a wide spread;
+- small constants (gaps, flush, per-segment overhead, download latency).
+
+Given a `base` model (the built-in one), sections with little data are
+shrunk towards it, so a user's refit from a handful of jobs stays sane.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..events import read_events
+from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, out_pixels
+from .state import JobState
+
+# Ridge weights of the spf terms, in jobs: how much data a level needs to move.
+_RIDGE = {"gpu": 0.05, "model": 0.05, "model_scale": 1.0, "cell": 3.0}
+_BASE_WEIGHT_JOBS = 4.0  # what the base model counts for in a refit
+_SETTLE_FRAMES = 10  # frames a fresh container needs before its rate is steady
+
+
+def jobs_from_logs(paths: Iterable[Path]) -> list[JobState]:
+    """One `JobState` per job found in the logs (a log may hold several jobs)."""
+    jobs: dict[tuple[str, str], JobState] = {}
+    for path in paths:
+        for event in read_events(Path(path)):
+            if not isinstance(event, dict):
+                continue
+            key = (str(path), str(event.get("job")))
+            st = jobs.get(key)
+            if st is None:
+                st = jobs[key] = JobState()
+            st.feed(event)
+    return list(jobs.values())
+
+
+def _median(xs: Sequence[float], default: float) -> float:
+    xs = [x for x in xs if math.isfinite(x)]
+    return statistics.median(xs) if xs else default
+
+
+def _mean_sd(xs: Sequence[float]) -> tuple[float, float] | None:
+    xs = [x for x in xs if math.isfinite(x)]
+    if not xs:
+        return None
+    mu = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mu, 0.0
+    return mu, math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1))
+
+
+def _linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, float, float] | None:
+    """Least squares y = a + b (x - ref); returns (a, b, ref, residual sd)."""
+    n = len(xs)
+    if n < 3:
+        return None
+    ref = sum(xs) / n
+    sxx = sum((x - ref) ** 2 for x in xs)
+    a = sum(ys) / n
+    b = sum((x - ref) * (y - a) for x, y in zip(xs, ys)) / sxx if sxx > 1e-12 else 0.0
+    res = [y - a - b * (x - ref) for x, y in zip(xs, ys)]
+    sd = math.sqrt(sum(r * r for r in res) / max(n - 2, 1))
+    return a, b, ref, sd
+
+
+def _span(p) -> float | None:
+    if p.start_t is None or p.end_t is None:
+        return None
+    return p.end_t - p.start_t
+
+
+class _Samples:
+    def __init__(self) -> None:
+        self.jobs = 0
+        self.prepare: list[float] = []  # log rate
+        self.upload: list[tuple[float, float]] = []  # (log size, log rate)
+        self.download: list[tuple[float | None, float]] = []  # (log upload rate, log download rate)
+        self.bpp: list[float] = []  # log encoded bytes per output pixel per frame
+        self.warm: list[float] = []
+        self.cold: list[float] = []
+        self.warm_counts: list[tuple[int, int]] = []  # (warm containers, containers)
+        self.stagger: list[float] = []
+        self.queue_gap: list[float] = []
+        self.load: dict[str, list[float]] = defaultdict(list)
+        self.spf: list[tuple[dict[str, Any], float]] = []  # (features, log spf)
+        self.overhead: list[float] = []
+        self.warmup: list[tuple[float, float]] = []  # (steady spf, extra seconds of a first segment)
+        self.seg_gap: list[float] = []
+        self.flush: list[float] = []
+        self.dl_latency: list[float] = []
+        self.finalize: dict[str, list[tuple[float, float]]] = defaultdict(list)  # backend -> (GB, s)
+
+
+def _collect(jobs: Iterable[JobState]) -> _Samples:
+    s = _Samples()
+    for st in jobs:
+        if st.terminal != "done" or not st.phases:
+            continue
+        s.jobs += 1
+        f = st.features
+        backend = str(f.get("backend", ""))
+        model = str(f.get("model", ""))
+        ph = st.phases
+
+        prep = ph.get("prepare")
+        if prep and prep.ended and prep.start_t is not None and prep.done > 0:
+            dt = prep.end_t - prep.start_t  # type: ignore[operator]
+            if dt > 0:
+                s.prepare.append(math.log(prep.done / dt))
+
+        up_rate = None
+        upl = ph.get("upload")
+        if upl and upl.parts:
+            b = sum(p.done + p.lost_done for p in upl.parts.values() if p.ended)
+            t = sum((_span(p) or 0.0) + p.lost_time for p in upl.parts.values() if p.ended)
+            if b > 0 and t > 0:
+                up_rate = b / t
+                s.upload.append((math.log(b), math.log(up_rate)))
+
+        dl = ph.get("download")
+        if dl and dl.parts:
+            b = sum(p.done for p in dl.parts.values() if p.ended)
+            t = sum(_span(p) or 0.0 for p in dl.parts.values() if p.ended)
+            if b > 0 and t > 0:
+                s.download.append((math.log(up_rate) if up_rate else None, math.log(b / t)))
+
+        up = ph.get("upscale")
+        enc = ph.get("encode")
+        seg_frames: dict[str, float] = {}
+        if up:
+            firsts: dict[str, tuple[float, str]] = {}
+            for key, p in up.parts.items():
+                if p.start_t is not None and (p.worker not in firsts or p.start_t < firsts[p.worker or "?"][0]):
+                    firsts[p.worker or "?"] = (p.start_t, key)
+            first_keys = {k for _, k in firsts.values()}
+            segs = []  # (frames, span, steady spf or None, first on its worker)
+            by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
+            for key, p in up.parts.items():
+                span = _span(p)
+                if span is None or not p.done:
+                    continue
+                seg_frames[key] = p.done
+                first = key in first_keys
+                steady = None
+                if first and p.early:
+                    d0 = p.early[0][1]
+                    settle = next(((t, d) for t, d in p.early if d >= d0 + _SETTLE_FRAMES), None)
+                    if settle and p.done > settle[1] + 5:
+                        steady = (p.end_t - settle[0]) / (p.done - settle[1])  # type: ignore[operator]
+                elif not first:
+                    steady = span / p.done
+                segs.append((p.done, span, steady, first))
+                by_worker[p.worker or "?"].append((p.start_t, p.end_t))  # type: ignore[arg-type]
+            for spans in by_worker.values():
+                spans.sort()
+                s.seg_gap += [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
+            if segs:
+                big = max(n for n, *_ in segs)
+                full = [st_ for n, _, st_, _ in segs if st_ and n >= 0.5 * big]
+                if not full:
+                    full = [t / n for n, t, *_ in segs if n >= 0.5 * big]
+                spf = statistics.median(full)
+                s.spf.append((f, math.log(spf)))
+                s.overhead += [t - n * spf for n, t, _, first in segs if n < 0.5 * big and not first]
+                s.warmup += [(spf, t - n * spf) for n, t, st_, first in segs if first and st_ and n >= 0.5 * big]
+        if up and enc:
+            for key, p in enc.parts.items():
+                u = up.parts.get(key)
+                if p.ended and u is not None and u.ended:
+                    s.flush.append(p.end_t - u.end_t)  # type: ignore[operator]
+        out_px = out_pixels(f)
+        if enc:
+            nb = [(seg_frames.get(k), p.out_bytes) for k, p in enc.parts.items() if p.out_bytes]
+            n = sum(x for x, _ in nb if x)
+            b = sum(y for x, y in nb if x)
+            if n > 0 and b > 0:
+                s.bpp.append(math.log(b / n / out_px))
+            if dl and enc:
+                for key, p in dl.parts.items():
+                    e = enc.parts.get(key)
+                    if p.start_t is not None and e is not None and e.ended:
+                        s.dl_latency.append(p.start_t - e.end_t)  # type: ignore[operator]
+
+        q = ph.get("queue")
+        lm = ph.get("load_model")
+        if q and q.parts:
+            conts = sorted(q.parts.values(), key=lambda p: p.start_t if p.start_t is not None else math.inf)
+            kinds = []
+            for c in conts:
+                span = _span(c)
+                if span is None or c.detail == "cancelled":
+                    kinds.append(None)
+                    continue
+                cold = c.detail in ("cold start", "cold") or (lm is not None and c.key in lm.parts)
+                (s.cold if cold else s.warm).append(span)
+                kinds.append(not cold)
+            warm_n = 0
+            for k in kinds:
+                if k is True:
+                    warm_n += 1
+                else:
+                    break
+            resolved = warm_n + (1 if warm_n < len(kinds) and kinds[warm_n] is False else 0)
+            if resolved:
+                s.warm_counts.append((warm_n, len(kinds) if warm_n == len(kinds) else resolved))
+            starts = [c.start_t for c in conts if c.start_t is not None]
+            s.stagger += [b - a for a, b in zip(starts, starts[1:])]
+            if upl and upl.ended and q.start_t is not None:
+                s.queue_gap.append(q.start_t - upl.end_t)  # type: ignore[operator]
+        if lm:
+            spans = [_span(p) for p in lm.parts.values() if p.detail != "cancelled"] if lm.parts else [
+                (lm.end_t - lm.start_t) if lm.ended and lm.start_t is not None else None  # type: ignore[operator]
+            ]
+            for x in spans:
+                if x is not None and x > 0:
+                    for key in (f"{backend}|{model}", backend, model, "*"):
+                        s.load[key].append(x)
+
+        fin = ph.get("finalize")
+        if fin and fin.ended and fin.start_t is not None:
+            out_b = 0.0
+            if enc:
+                out_b = sum(p.out_bytes or 0.0 for p in enc.parts.values())
+            if not out_b and dl:
+                out_b = sum(p.done for p in dl.parts.values())
+            for key in (backend, "*"):
+                s.finalize[key].append((out_b / 1e9, fin.end_t - fin.start_t))  # type: ignore[operator]
+    return s
+
+
+def _warm_survival(counts: list[tuple[int, int]], kmax: int = 8) -> list[float]:
+    """P(W >= k), k = 1..kmax, from (warm run, containers seen) with censoring."""
+    surv, s = [], 1.0
+    for k in range(kmax):
+        at_risk = sum(1 for w, n in counts if w >= k and n > k)
+        events = sum(1 for w, n in counts if w == k and n > k)
+        if at_risk:
+            s *= 1.0 - events / at_risk
+        surv.append(round(s, 4))
+    return surv
+
+
+def _fit_spf(rows: list[tuple[dict[str, Any], float]], base: TimingModel | None) -> dict[str, Any] | None:
+    """Backfit log(spf / input pixels) on gpu, model, model@scale and cell terms."""
+    if not rows:
+        return None
+    data = []
+    for f, log_spf in rows:
+        y = log_spf - math.log(max(in_pixels(f), 1.0))
+        gpu, model = str(f.get("gpu", "")), str(f.get("model", ""))
+        ms = f"{model}@x{f.get('scale', '')}"
+        data.append({"gpu": gpu, "model": model, "model_scale": ms, "cell": f"{gpu}|{ms}", "y": y, "f": f})
+    if base is not None:
+        # refit: model the deviation from the base model's prediction
+        bsec = base.section("upscale")
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in bsec.items()}
+        for d in data:
+            d["r"] = d["y"] + math.log(max(in_pixels(d["f"]), 1.0)) - base.spf(d["f"])[0]
+        by_gpu: dict[str, list[float]] = defaultdict(list)
+        for d in data:
+            by_gpu[d["gpu"]].append(d["r"])
+        for g, rs in by_gpu.items():
+            shift = sum(rs) / (len(rs) + 1.0)
+            if g in out["gpu"]:
+                out["gpu"][g] = round(out["gpu"][g] + shift, 4)
+            else:
+                out["gpu"][g] = round(out.get("generic_gpu", 0.0) + shift, 4)
+            for d in data:
+                if d["gpu"] == g:
+                    d["r"] -= shift
+        by_cell: dict[str, list[float]] = defaultdict(list)
+        for d in data:
+            by_cell[d["cell"]].append(d["r"])
+        for c, rs in by_cell.items():
+            out["cell"][c] = round(out["cell"].get(c, 0.0) + sum(rs) / (len(rs) + 2.0), 4)
+        return out
+    mu = sum(d["y"] for d in data) / len(data)
+    effects: dict[str, dict[str, float]] = {g: defaultdict(float) for g in _RIDGE}
+    for _ in range(50):
+        for group, lam in _RIDGE.items():
+            sums: dict[str, float] = defaultdict(float)
+            counts: dict[str, int] = defaultdict(int)
+            for d in data:
+                other = sum(effects[g][d[g]] for g in _RIDGE if g != group)
+                sums[d[group]] += d["y"] - mu - other
+                counts[d[group]] += 1
+            effects[group] = defaultdict(float, {k: sums[k] / (counts[k] + lam) for k in sums})
+        mu = sum(d["y"] - sum(effects[g][d[g]] for g in _RIDGE) for d in data) / len(data)
+    res = [d["y"] - mu - sum(effects[g][d[g]] for g in _RIDGE) for d in data]
+    n = len(res)
+    sd = math.sqrt(sum(r * r for r in res) / max(n - 1, 1)) if n > 1 else 0.3
+    gpus = {k: v for k, v in effects["gpu"].items()}
+    accel = sorted(v for k, v in gpus.items() if k.lower() != "cpu") or [0.0]
+    generic = statistics.median(accel)
+    spread = math.sqrt(sum((v - generic) ** 2 for v in accel) / max(len(accel) - 1, 1)) if len(accel) > 1 else 0.7
+    return {
+        "mu": round(mu, 5),
+        "gpu": {k: round(v, 4) for k, v in sorted(gpus.items())},
+        "model": {k: round(v, 4) for k, v in sorted(effects["model"].items())},
+        "model_scale": {k: round(v, 4) for k, v in sorted(effects["model_scale"].items())},
+        "cell": {k: round(v, 4) for k, v in sorted(effects["cell"].items()) if abs(v) > 1e-4},
+        "sd": round(max(sd, 0.05), 4),
+        "generic_gpu": round(generic, 4),
+        "sd_unknown": round(math.sqrt(max(sd, 0.05) ** 2 + spread**2), 4),
+    }
+
+
+def _shrink(new: float | None, n: int, old: float | None) -> float | None:
+    if new is None:
+        return old
+    if old is None:
+        return new
+    return (n * new + _BASE_WEIGHT_JOBS * old) / (n + _BASE_WEIGHT_JOBS)
+
+
+def fit_logs(paths: Iterable[Path], base: TimingModel | None = None) -> TimingModel:
+    """Fit a timing model from the logs of finished jobs.
+
+    With `base`, every section keeps the base's values where the logs say
+    little, and moves towards the logs as they say more.
+    """
+    return fit_jobs(jobs_from_logs(paths), base=base)
+
+
+def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> TimingModel:
+    s = _collect(jobs)
+    ref = base or TimingModel.generic()
+    out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "jobs": s.jobs + (ref.data.get("jobs", 0) if base else 0)}
+
+    def dist(samples: list[float], key: str, section: str, min_n: int = 6) -> list[float]:
+        old = ref.section(section).get(key)
+        if len(samples) >= min_n or (samples and base is None):
+            if base is not None and old and len(samples) < 30:
+                # mix the base's quantiles in, as if they were a few jobs
+                weight = max(1, int(round(_BASE_WEIGHT_JOBS * len(old) / 21)))
+                samples = list(samples) + list(old) * weight
+            return Dist.from_samples(samples).to_json()
+        return list(old) if old else []
+
+    # prepare
+    sec = ref.section("prepare")
+    ms = _mean_sd(s.prepare)
+    if ms:
+        mu = _shrink(ms[0], len(s.prepare), sec["log_rate"]["mu"] if base else None)
+        out["prepare"] = {"log_rate": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.2), 4)}, "base_s": sec["base_s"]}
+    elif base:
+        out["prepare"] = sec
+    # upload throughput by size
+    sec = ref.section("upload")
+    lf = _linfit([x for x, _ in s.upload], [y for _, y in s.upload])
+    if lf:
+        a, b, r, sd = lf
+        if base:
+            old = sec["log_rate"]
+            a = _shrink(a, len(s.upload), float(old["a"]) + float(old.get("b", 0)) * (r - float(old.get("ref", r))))
+        out["upload"] = {"log_rate": {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(max(sd, 0.1), 4)}}
+    elif s.upload:
+        x, y = s.upload[0]
+        out["upload"] = {"log_rate": {"a": round(_shrink(y, 1, sec["log_rate"]["a"] if base else None), 4), "b": 0.0, "ref": round(x, 4), "sd": 1.0}}
+    elif base:
+        out["upload"] = {"log_rate": sec["log_rate"]}
+    out.setdefault("upload", {"log_rate": dict(GENERIC["upload"]["log_rate"])})
+    out["upload"]["gap_s"] = round(float(sec["gap_s"]), 3)
+    # download throughput, alone and against the upload throughput
+    sec = ref.section("download")
+    all_dl = [y for _, y in s.download]
+    ms = _mean_sd(all_dl)
+    pairs = [(x, y) for x, y in s.download if x is not None]
+    lf = _linfit([x for x, _ in pairs], [y for _, y in pairs])
+    dsec: dict[str, Any] = {}
+    if ms:
+        mu = _shrink(ms[0], len(all_dl), sec["log_rate"]["mu"] if base else None)
+        dsec["log_rate"] = {"mu": round(mu, 4), "sd": round(max(ms[1], 0.1), 4)}
+    else:
+        dsec["log_rate"] = sec["log_rate"]
+    if lf:
+        a, b, r, sd = lf
+        dsec["vs_upload"] = {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(max(sd, 0.1), 4)}
+    else:
+        dsec["vs_upload"] = sec["vs_upload"]
+    dsec["latency_s"] = round(_median([x for x in s.dl_latency if 0 <= x < 10], sec["latency_s"]), 3)
+    out["download"] = dsec
+    # encoded size
+    ms = _mean_sd(s.bpp)
+    sec = ref.section("output")
+    if ms:
+        mu = _shrink(ms[0], len(s.bpp), sec["log_bytes_per_px"]["mu"] if base else None)
+        out["output"] = {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.1), 4)}}
+    else:
+        out["output"] = sec
+    # queue: warm or cold, how long
+    sec = ref.section("queue")
+    qsec: dict[str, Any] = {}
+    if s.warm_counts:
+        surv = _warm_survival(s.warm_counts)
+        if base:
+            n = len(s.warm_counts)
+            surv = [round((n * a + _BASE_WEIGHT_JOBS * b) / (n + _BASE_WEIGHT_JOBS), 4) for a, b in zip(surv, sec["p_warm"])]
+        qsec["p_warm"] = surv
+    else:
+        qsec["p_warm"] = sec["p_warm"]
+    qsec["warm_s"] = dist(s.warm, "warm_s", "queue")
+    qsec["cold_s"] = dist(s.cold, "cold_s", "queue")
+    qsec["stagger_s"] = round(_median(s.stagger, sec["stagger_s"]), 3)
+    qsec["gap_s"] = round(_median([x for x in s.queue_gap if 0 <= x < 10], sec["gap_s"]), 3)
+    out["queue"] = qsec
+    # model load
+    sec = ref.section("load_model")
+    lsec: dict[str, Any] = dict(sec) if base else {}
+    for key, xs in s.load.items():
+        got = dist(xs, key, "load_model", min_n=3)
+        if got:
+            lsec[key] = got
+    if "*" not in lsec:
+        lsec["*"] = list(GENERIC["load_model"]["*"])
+    out["load_model"] = lsec
+    # time per frame
+    sec = ref.section("upscale")
+    usec = _fit_spf(s.spf, base) or dict(sec)
+    usec["overhead_s"] = round(min(max(_median(s.overhead, sec["overhead_s"]), 0.0), 5.0), 3)
+    usec["gap_s"] = round(_median(s.seg_gap, sec["gap_s"]), 3)
+    usec["settle_frames"] = _SETTLE_FRAMES
+    usec["warmup_frames"] = sec["warmup_frames"]
+    pts = [(math.log(x), math.log(max(y - usec["overhead_s"], 0.05))) for x, y in s.warmup if x > 0]
+    lf = _linfit([x for x, _ in pts], [y for _, y in pts])
+    if lf:
+        a, b, r, sd = lf
+        usec["warmup"] = {"a": round(a - b * r, 4), "b": round(b, 4), "sd": round(sd, 4)}
+    elif sec.get("warmup"):
+        usec["warmup"] = sec["warmup"]
+    out["upscale"] = usec
+    # encoder flush
+    out["encode"] = {"flush_s": round(_median([x for x in s.flush if x >= 0], ref.section("encode")["flush_s"]), 3)}
+    # finalize by output size
+    sec = ref.section("finalize")
+    fsec: dict[str, Any] = dict(sec) if base else {}
+    for key, pts in s.finalize.items():
+        lf = _linfit([x for x, _ in pts], [y for _, y in pts])
+        ys = [y for _, y in pts]
+        if lf and lf[1] >= 0:
+            a, b, r, _ = lf
+            entry = {"base_s": round(max(a - b * r, 0.05), 4), "s_per_gb": round(b, 4), "max_s": round(max(ys) * 1.5, 3)}
+        else:
+            entry = {"base_s": round(_median(ys, 0.3), 4), "s_per_gb": 0.0, "max_s": round(max(ys) * 1.5, 3)}
+        fsec[key] = entry
+    if not fsec:
+        fsec = dict(GENERIC["finalize"])
+    out["finalize"] = fsec
+    return TimingModel(out)

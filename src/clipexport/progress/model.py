@@ -1,0 +1,349 @@
+"""The timing model: what past jobs say about how long each phase takes.
+
+A `TimingModel` is a small JSON document (written by `fit.fit_logs`) read
+through a handful of prediction methods. Every method has a generic fallback,
+so a model fitted on a few jobs, or on jobs of another kind, still answers:
+an unknown GPU gets the typical GPU's speed with a wide uncertainty (the
+job's observed rate then takes over quickly), an unknown model gets the
+average model.
+
+Rates are log-normal: each prior is `(log_mu, sd)` of the natural log, so the
+estimator can weigh it against what the running job shows.
+
+Waiting times (queue, cold start, model load) are kept as distributions
+(`Dist`, 21 quantiles) so the remaining wait can be conditioned on the time
+already waited.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+FORMAT = "clipexport-timing-model"
+VERSION = 1
+MODEL_FILENAME = "timing-model.json"
+
+
+class Dist:
+    """A distribution given by sorted quantiles at p = 0, 1/(n-1), ..., 1.
+
+    Between quantiles the CDF is linear, so conditional expectations move
+    smoothly as the time waited grows. Past the last quantile the remaining
+    wait is taken as a share of the time already waited (nothing is known
+    there, and "a bit longer" is the honest answer).
+    """
+
+    TAIL_SHARE = 0.2
+
+    def __init__(self, quantiles: Sequence[float]) -> None:
+        qs = sorted(float(q) for q in quantiles if math.isfinite(float(q)))
+        if not qs:
+            qs = [0.0]
+        if len(qs) == 1:
+            qs = [qs[0], qs[0]]
+        self.q = qs
+        n = len(qs) - 1
+        # integral of the survival function from q[k] to the end, for each k
+        tail = [0.0] * (n + 1)
+        for k in range(n - 1, -1, -1):
+            s0, s1 = 1.0 - k / n, 1.0 - (k + 1) / n
+            tail[k] = tail[k + 1] + (s0 + s1) / 2.0 * (qs[k + 1] - qs[k])
+        self._tail = tail
+        self._n = n
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], points: int = 21) -> Dist:
+        xs = sorted(float(x) for x in samples)
+        if not xs:
+            return cls([0.0])
+        out = []
+        for i in range(points):
+            pos = i / (points - 1) * (len(xs) - 1)
+            lo = int(math.floor(pos))
+            hi = min(lo + 1, len(xs) - 1)
+            out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+        return cls(out)
+
+    def to_json(self) -> list[float]:
+        return [round(q, 4) for q in self.q]
+
+    def mean(self) -> float:
+        return self.q[0] + self._tail[0]
+
+    def quantile(self, p: float) -> float:
+        pos = min(max(p, 0.0), 1.0) * self._n
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, self._n)
+        return self.q[lo] + (self.q[hi] - self.q[lo]) * (pos - lo)
+
+    def survival(self, w: float) -> float:
+        q, n = self.q, self._n
+        if w < q[0]:
+            return 1.0
+        if w >= q[-1]:
+            return 0.0
+        k = bisect.bisect_right(q, w) - 1
+        width = q[k + 1] - q[k]
+        frac = (w - q[k]) / width if width > 0 else 1.0
+        return 1.0 - (k + frac) / n
+
+    def _excess(self, w: float) -> float:
+        """E[(T - w)+]."""
+        q, n = self.q, self._n
+        if w < q[0]:
+            return q[0] - w + self._tail[0]
+        if w >= q[-1]:
+            return 0.0
+        k = bisect.bisect_right(q, w) - 1
+        width = q[k + 1] - q[k]
+        s_k, s_k1 = 1.0 - k / n, 1.0 - (k + 1) / n
+        s_w = s_k + (s_k1 - s_k) * ((w - q[k]) / width if width > 0 else 1.0)
+        return (s_w + s_k1) / 2.0 * (q[k + 1] - w) + self._tail[k + 1]
+
+    def remaining(self, waited: float) -> float:
+        """Expected time still to wait, given `waited` seconds already."""
+        waited = max(0.0, waited)
+        s = self.survival(waited)
+        floor = self.TAIL_SHARE * waited
+        if s <= 1e-9:
+            return max(floor, 0.5)
+        return max(self._excess(waited) / s, floor)
+
+
+def _lognormal(entry: Mapping[str, Any] | None, mu: float, sd: float) -> tuple[float, float]:
+    if not entry:
+        return mu, sd
+    return float(entry.get("mu", mu)), float(entry.get("sd", sd))
+
+
+# Generic values, used when a fitted model lacks a section (a user model fitted
+# on few jobs, or an older file). Rough medians of ordinary jobs.
+GENERIC: dict[str, Any] = {
+    "prepare": {"log_rate": {"mu": math.log(300e6), "sd": 1.0}, "base_s": 0.1},
+    "upload": {"log_rate": {"a": math.log(2e6), "b": 0.0, "ref": math.log(50e6), "sd": 1.0}, "gap_s": 0.1},
+    "download": {
+        "log_rate": {"mu": math.log(8e6), "sd": 1.0},
+        "vs_upload": {"a": math.log(8e6), "b": 0.0, "ref": math.log(2e6), "sd": 1.0},
+        "latency_s": 0.6,
+    },
+    "output": {"log_bytes_per_px": {"mu": math.log(0.012), "sd": 0.6}},
+    "queue": {
+        "p_warm": [0.75, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15],
+        "warm_s": [0.5, 3.0],
+        "cold_s": [15.0, 20.0, 25.0, 30.0, 40.0, 60.0, 90.0],
+        "stagger_s": 0.3,
+        "gap_s": 0.25,
+    },
+    "load_model": {"*": [2.0, 4.0, 6.0, 8.0, 11.0]},
+    "upscale": {
+        "mu": math.log(150e-9),
+        "sd": 0.3,
+        "sd_unknown": 0.9,
+        "gpu": {},
+        "model": {},
+        "model_scale": {},
+        "cell": {},
+        "overhead_s": 0.3,
+        "gap_s": 0.1,
+        "settle_frames": 10,
+        "warmup_frames": 3.5,
+        "warmup": {"a": 2.1, "b": 0.6},
+    },
+    "encode": {"flush_s": 0.75},
+    "finalize": {"*": {"base_s": 0.3, "s_per_gb": 2.5, "max_s": 30.0}},
+}
+
+
+class TimingModel:
+    """Priors for every phase, read from a fitted JSON document."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None) -> None:
+        self.data: dict[str, Any] = dict(data or {})
+        self._dists: dict[tuple[str, ...], Dist] = {}
+
+    # -- files -------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> TimingModel:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a clipexport timing model")
+        if int(data.get("version", 0)) > VERSION:
+            raise ValueError(f"{path}: timing model version {data.get('version')} is newer than this clipexport")
+        return cls(data)
+
+    @classmethod
+    def default(cls) -> TimingModel:
+        """The built-in model, fitted on the reference traces."""
+        text = resources.files("clipexport.progress").joinpath("default_model.json").read_text(encoding="utf-8")
+        return cls(json.loads(text))
+
+    @classmethod
+    def generic(cls) -> TimingModel:
+        """A model with no fitted section: every prior is the generic one."""
+        return cls({"format": FORMAT, "version": VERSION, "jobs": 0})
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(dumps(self.data), encoding="utf-8")
+        tmp.replace(path)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TimingModel) and self.data == other.data
+
+    # -- sections ----------------------------------------------------------
+
+    def section(self, name: str) -> dict[str, Any]:
+        merged = dict(GENERIC.get(name, {}))
+        merged.update(self.data.get(name) or {})
+        return merged
+
+    def _dist(self, *key: str, quantiles: Sequence[float]) -> Dist:
+        dist = self._dists.get(key)
+        if dist is None:
+            dist = self._dists[key] = Dist(quantiles)
+        return dist
+
+    # -- predictions -------------------------------------------------------
+
+    def prepare_rate(self) -> tuple[float, float]:
+        sec = self.section("prepare")
+        return _lognormal(sec.get("log_rate"), math.log(300e6), 1.0)
+
+    def upload_rate(self, size_bytes: float | None) -> tuple[float, float]:
+        """Prior of the upload throughput (bytes/s) for an upload of this size."""
+        lr = self.section("upload")["log_rate"]
+        mu = float(lr["a"])
+        if size_bytes and size_bytes > 0:
+            mu += float(lr.get("b", 0.0)) * (math.log(size_bytes) - float(lr.get("ref", 0.0)))
+        return mu, float(lr["sd"])
+
+    def download_rate(self, upload_rate: float | None = None, upload_weight: float = 1.0) -> tuple[float, float]:
+        """Prior of the download throughput; a known upload rate informs it."""
+        sec = self.section("download")
+        mu, sd = _lognormal(sec.get("log_rate"), math.log(8e6), 1.0)
+        vs = sec.get("vs_upload")
+        if upload_rate and upload_rate > 0 and vs:
+            mu_u = float(vs["a"]) + float(vs["b"]) * (math.log(upload_rate) - float(vs.get("ref", 0.0)))
+            w = min(max(upload_weight, 0.0), 1.0)
+            mu = w * mu_u + (1.0 - w) * mu
+            sd = w * float(vs["sd"]) + (1.0 - w) * sd
+        return mu, sd
+
+    def bytes_per_frame(self, features: Mapping[str, Any]) -> tuple[float, float]:
+        """Prior of the encoded size of one output frame."""
+        mu, sd = _lognormal(self.section("output").get("log_bytes_per_px"), math.log(0.012), 0.6)
+        return mu + math.log(max(out_pixels(features), 1.0)), sd
+
+    def p_warm(self, k: int) -> float:
+        """P(the k-th container, 1-based, finds a warm GPU)."""
+        p = self.section("queue")["p_warm"]
+        if not p:
+            return 0.5
+        return float(p[min(k, len(p)) - 1]) if k >= 1 else 1.0
+
+    def warm_wait(self) -> Dist:
+        return self._dist("warm", quantiles=self.section("queue")["warm_s"])
+
+    def cold_wait(self) -> Dist:
+        return self._dist("cold", quantiles=self.section("queue")["cold_s"])
+
+    def load_time(self, features: Mapping[str, Any]) -> Dist:
+        sec = self.section("load_model")
+        backend = str(features.get("backend", ""))
+        model = str(features.get("model", ""))
+        for key in (f"{backend}|{model}", backend, model, "*"):
+            if key in sec:
+                return self._dist("load", key, quantiles=sec[key])
+        return self._dist("load", "generic", quantiles=GENERIC["load_model"]["*"])
+
+    def finalize_time(self, features: Mapping[str, Any], out_bytes: float | None) -> float:
+        sec = self.section("finalize")
+        entry = sec.get(str(features.get("backend", ""))) or sec.get("*") or GENERIC["finalize"]["*"]
+        gb = (out_bytes or 0.0) / 1e9
+        return min(float(entry["base_s"]) + float(entry["s_per_gb"]) * gb, float(entry.get("max_s", 60.0)))
+
+    def spf(self, features: Mapping[str, Any]) -> tuple[float, float]:
+        """Prior of the seconds per frame of one container: (log_mu, sd).
+
+        log(spf / input pixels) = mu + gpu + model + model@scale + cell,
+        each term fitted with shrinkage; a GPU the model has not seen gets
+        the generic GPU term and a wide sd.
+        """
+        sec = self.section("upscale")
+        gpu = str(features.get("gpu", ""))
+        model = str(features.get("model", ""))
+        ms = f"{model}@x{features.get('scale', '')}"
+        cell = f"{gpu}|{ms}"
+        mu = float(sec["mu"])
+        known = True
+        gpus = sec.get("gpu") or {}
+        if gpu in gpus:
+            mu += float(gpus[gpu])
+        else:
+            known = False
+            mu += float(sec.get("generic_gpu", 0.0))
+        mu += float((sec.get("model") or {}).get(model, 0.0))
+        mu += float((sec.get("model_scale") or {}).get(ms, 0.0))
+        mu += float((sec.get("cell") or {}).get(cell, 0.0))
+        mu += math.log(max(in_pixels(features), 1.0))
+        sd = float(sec["sd"] if known else sec.get("sd_unknown", 0.9))
+        return mu, sd
+
+    def constant(self, section: str, name: str) -> float:
+        return float(self.section(section)[name])
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    """JSON with one key a line and number lists kept on one line (small, diffable)."""
+    text = json.dumps(data, indent=1, sort_keys=True)
+    return re.sub(r"\[\s+([-0-9.eE,\s]+?)\s+\]", lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
+
+
+def in_pixels(features: Mapping[str, Any]) -> float:
+    try:
+        return float(features["in_width"]) * float(features["in_height"])
+    except (KeyError, TypeError, ValueError):
+        return 1280.0 * 720.0
+
+
+def out_pixels(features: Mapping[str, Any]) -> float:
+    try:
+        return float(features["out_width"]) * float(features["out_height"])
+    except (KeyError, TypeError, ValueError):
+        scale = features.get("scale", 4)
+        scale = float(scale) if isinstance(scale, (int, float)) else 4.0
+        return in_pixels(features) * scale * scale
+
+
+def user_model_path() -> Path:
+    """Where `eta fit` keeps the model refitted from the user's own jobs."""
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("clipexport")) / MODEL_FILENAME
+
+
+def load_model(path: str | Path | None = None) -> TimingModel:
+    """`path` if given; else the user's refitted model if present; else the built-in one."""
+    if path is not None:
+        return TimingModel.load(path)
+    user = user_model_path()
+    if user.is_file():
+        try:
+            return TimingModel.load(user)
+        except (OSError, ValueError):
+            pass  # a damaged user model must not stop a job: fall back
+    return TimingModel.default()

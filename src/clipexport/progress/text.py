@@ -1,0 +1,144 @@
+"""The ETA in words, and elapsed time as a clock.
+
+`eta_text` is a pure function of the remaining seconds: coarse on purpose
+("About 4 minutes remaining"), so the words change rarely. `EtaWords` adds a
+little hysteresis on top, so an estimate that hovers on a boundary does not
+make the text flip back and forth.
+"""
+
+from __future__ import annotations
+
+import math
+
+ALMOST_DONE_S = 10.0
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _bucket(remaining_s: float) -> tuple[str, int]:
+    """(kind, count) the words are made of: kinds 'almost', 'minute', 'minutes', 'tenmin', 'hours'."""
+    if remaining_s < ALMOST_DONE_S:
+        return "almost", 0
+    if remaining_s < 60.0:
+        return "under", 0
+    minutes = max(1, _round(remaining_s / 60.0))
+    if minutes < 60:
+        return "minutes", minutes
+    if remaining_s < 24 * 3600:
+        return "tenmin", _round(remaining_s / 600.0) * 10
+    return "hours", _round(remaining_s / 3600.0)
+
+
+def _words(kind: str, count: int) -> str:
+    if kind == "almost":
+        return "Almost done…"
+    if kind == "under":
+        return "Less than a minute remaining"
+    if kind == "minutes":
+        return f"About {_plural(count, 'minute')} remaining"
+    if kind == "tenmin":
+        hours, minutes = divmod(count, 60)
+        if minutes == 0:
+            return f"About {_plural(hours, 'hour')} remaining"
+        return f"About {_plural(hours, 'hour')} {minutes} minutes remaining"
+    return f"About {_plural(count, 'hour')} remaining"
+
+
+def eta_text(remaining_s: float | None, state: str = "running") -> str:
+    """The ETA as a person says it.
+
+    >>> eta_text(200)
+    'About 3 minutes remaining'
+    """
+    if state == "done":
+        return "Done"
+    if state == "error":
+        return "Failed"
+    if state == "cancelled":
+        return "Cancelled"
+    if remaining_s is None or not math.isfinite(remaining_s) or remaining_s < 0:
+        return "Estimating time remaining…"
+    return _words(*_bucket(remaining_s))
+
+
+class EtaWords:
+    """`eta_text` with hysteresis: the minute count moves only when the
+    estimate is clearly past the boundary (by `margin` of a unit)."""
+
+    def __init__(self, margin: float = 0.25) -> None:
+        self.margin = margin
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, remaining_s: float | None, state: str = "running") -> str:
+        if state != "running" or remaining_s is None or not math.isfinite(remaining_s) or remaining_s < 0:
+            self._last = None
+            return eta_text(remaining_s, state)
+        kind, count = _bucket(remaining_s)
+        last = self._last
+        if last is not None and last[0] == kind and kind in ("minutes", "tenmin", "hours") and count != last[1]:
+            unit = {"minutes": 60.0, "tenmin": 60.0, "hours": 3600.0}[kind]
+            step = 10 if kind == "tenmin" else 1
+            exact = remaining_s / unit
+            # keep the shown count while the estimate is within the margin of it
+            if abs(exact - last[1]) < step / 2 + self.margin * step:
+                count = last[1]
+        self._last = (kind, count)
+        return _words(kind, count)
+
+
+def clock(seconds: float | None) -> str:
+    """Elapsed time as H:MM:SS; unknown is '-:--:--'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "-:--:--"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}"
+
+
+_DECIMAL = ("bytes", "kB", "MB", "GB", "TB", "PB")
+
+
+def _bytes(n: float) -> tuple[str, str]:
+    """(number, suffix) in decimal units, as `rich.filesize.decimal` does."""
+    if n < 1000:
+        return f"{int(n):,}", "bytes"
+    i = min(int(math.log(n, 1000)), len(_DECIMAL) - 1)
+    return f"{n / 1000**i:.1f}", _DECIMAL[i]
+
+
+def amount(done: float, total: float | None, unit: str | None) -> str:
+    """Work in its own unit: '30.2/48.2 MB', '576/1,440 frames', '12.0 MB'."""
+    if unit == "bytes":
+        if total is not None and total > 0:
+            scale = max(total, done)
+            i = 0 if scale < 1000 else min(int(math.log(scale, 1000)), len(_DECIMAL) - 1)
+            div = 1000**i
+            fmt = (lambda x: f"{int(x):,}") if i == 0 else (lambda x: f"{x / div:.1f}")
+            return f"{fmt(done)}/{fmt(total)} {_DECIMAL[i]}"
+        num, suffix = _bytes(done)
+        return f"{num} {suffix}"
+    word = unit or ""
+    if total is not None:
+        text = f"{int(done):,}/{int(total):,}"
+    else:
+        text = f"{int(done):,}"
+    return f"{text} {word}".rstrip()
+
+
+def rate_text(rate: float | None, unit: str | None) -> str:
+    """'3.1 MB/s', '12.1 frames/s'; '' when unknown."""
+    if rate is None or not math.isfinite(rate) or rate <= 0:
+        return ""
+    if unit == "bytes":
+        num, suffix = _bytes(rate)
+        return f"{num} {suffix}/s"
+    if rate < 10:
+        return f"{rate:.1f} {unit or 'units'}/s"
+    return f"{rate:,.0f} {unit or 'units'}/s"

@@ -1,0 +1,165 @@
+"""The tracker: events in, one `Snapshot` out, for every view.
+
+`Tracker.feed(event)` aggregates; `Tracker.snapshot(now)` asks the estimator
+for the remaining time at `now` and turns it into the overall fraction:
+
+    fraction = elapsed / (elapsed + remaining)
+
+which is the time-weighted sum over phases: each phase's share of the bar is
+its predicted share of the job's time (what it took so far plus what the
+estimator gives it), and within a phase the bar moves with time spent there.
+The shares are recomputed at every snapshot as evidence arrives. The shown
+fraction is clamped so it never decreases (a correction changes the bar's
+speed, not its direction), stays below 1 until `done`, and starts at
+`floor` (the last fraction shown before a resume).
+
+The tracker reads no clock and starts no thread: `now` is explicit. It is not
+thread-safe by itself; the display serialises calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .estimator import Estimator
+from .model import TimingModel
+from .state import JobState, PhaseState
+from .text import EtaWords
+
+MAX_RUNNING_FRACTION = 0.999
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    """One phase as shown: work done in its own unit."""
+
+    phase: str
+    unit: str | None
+    done: float
+    total: float | None
+    state: str  # "pending" | "running" | "waiting" | "done"
+    rate: float | None  # unit per second while running
+    detail: str | None
+
+    @property
+    def fraction(self) -> float | None:
+        if self.state == "done":
+            return 1.0
+        if self.total is None or self.total <= 0:
+            return None
+        return min(max(self.done / self.total, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a view draws, at one instant."""
+
+    job: str | None
+    state: str  # "running" | "done" | "error" | "cancelled"
+    fraction: float  # shown fraction: never decreases, 1.0 only at done
+    elapsed: float
+    remaining_s: float | None
+    eta_text: str
+    phases: tuple[PhaseRow, ...]  # in plan order
+    message: str | None = None  # the error message, or the output path when done
+
+
+class Tracker:
+    """Aggregates events of one job and snapshots its progress."""
+
+    def __init__(self, model: TimingModel | None = None, *, floor: float = 0.0) -> None:
+        self.model = model or TimingModel.default()
+        self.state = JobState()
+        self.estimator = Estimator(self.model)
+        self._shown = min(max(float(floor), 0.0), MAX_RUNNING_FRACTION)
+        self._words = EtaWords()
+
+    def feed(self, event: dict) -> None:
+        """Apply any contract event (it must carry `t`)."""
+        self.state.feed(event)
+
+    @property
+    def fraction(self) -> float:
+        """The last fraction shown."""
+        return self._shown
+
+    def snapshot(self, now: float) -> Snapshot:
+        st = self.state
+        t0 = st.t0 if st.t0 is not None else now
+        end = st.terminal_t if st.terminal is not None and st.terminal_t is not None else now
+        elapsed = max(0.0, end - t0)
+        message = None
+        if st.terminal == "done":
+            self._shown = 1.0
+            remaining: float | None = 0.0
+            message = _str(st.terminal_event, "output")
+        elif st.terminal in ("error", "cancelled"):
+            remaining = None
+            message = _str(st.terminal_event, "message")
+        else:
+            remaining = self.estimator.estimate(st, now).remaining_s
+            raw = self._raw_fraction(elapsed, remaining)
+            self._shown = max(self._shown, min(raw, MAX_RUNNING_FRACTION))
+        state = st.state
+        return Snapshot(
+            job=st.job,
+            state=state,
+            fraction=self._shown,
+            elapsed=elapsed,
+            remaining_s=remaining,
+            eta_text=self._words(remaining, state),
+            phases=tuple(self._row(st.phases[name], now) for name in st.order),
+            message=message,
+        )
+
+    def _raw_fraction(self, elapsed: float, remaining: float | None) -> float:
+        if remaining is not None and math.isfinite(remaining):
+            total = elapsed + remaining
+            return elapsed / total if total > 0 else 0.0
+        # nothing to estimate with: the mean work fraction of counted phases
+        fracs = []
+        for ph in self.state.phases.values():
+            total = ph.known_total
+            if ph.ended:
+                fracs.append(1.0)
+            elif total:
+                fracs.append(min(ph.done / total, 1.0))
+        return sum(fracs) / len(fracs) if fracs else 0.0
+
+    def _row(self, ph: PhaseState, now: float) -> PhaseRow:
+        st = self.state
+        total = ph.known_total
+        if total is None and ph.ended and ph.parts:
+            totals = [p.total for p in ph.parts.values()]
+            if all(t is not None for t in totals):
+                total = float(sum(totals))  # type: ignore[arg-type]
+        done = ph.done
+        finished = ph.ended or st.terminal == "done"
+        if finished:
+            state = "done"
+            if total is not None:
+                done = max(done, total)
+        elif ph.started:
+            state = "running" if ph.unit else "waiting"
+        else:
+            state = "pending"
+        rate = None
+        if state == "running" and ph.start_t is not None and done > 0:
+            span = now - ph.start_t
+            rate = done / span if span > 0 else None
+        detail = None
+        if state in ("running", "waiting"):
+            detail = ph.detail
+            if ph.parts and ph.unit is None:
+                waiting = sum(1 for p in ph.parts.values() if p.started and not p.ended)
+                if waiting > 1:
+                    detail = f"{detail} ({waiting})" if detail else f"{waiting} waiting"
+        return PhaseRow(ph.name, ph.unit, float(done), total, state, rate, detail)
+
+
+def _str(event: dict | None, key: str) -> str | None:
+    if not event:
+        return None
+    value = event.get(key)
+    return value if isinstance(value, str) else None
