@@ -333,6 +333,13 @@ def _shrink(new: float | None, n: int, old: float | None) -> float | None:
     return (n * new + _BASE_WEIGHT_JOBS * old) / (n + _BASE_WEIGHT_JOBS)
 
 
+def _builtin() -> TimingModel:
+    try:
+        return TimingModel.default()
+    except (OSError, ValueError):
+        return TimingModel.generic()
+
+
 def fit_logs(paths: Iterable[Path], base: TimingModel | None = None) -> TimingModel:
     """Fit a timing model from the logs of finished jobs.
 
@@ -344,7 +351,9 @@ def fit_logs(paths: Iterable[Path], base: TimingModel | None = None) -> TimingMo
 
 def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> TimingModel:
     s = _collect(jobs)
-    ref = base or TimingModel.generic()
+    # where the logs say nothing: the base, else the built-in model, so a
+    # user who only ran local jobs still gets sane cloud priors
+    ref = base or _builtin()
     out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "jobs": s.jobs + (ref.data.get("jobs", 0) if base else 0)}
 
     def dist(samples: list[float], key: str, section: str, min_n: int = 6) -> list[float]:
@@ -363,7 +372,7 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     if ms:
         mu = _shrink(ms[0], len(s.prepare), sec["log_rate"]["mu"] if base else None)
         out["prepare"] = {"log_rate": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.2), 4)}, "base_s": sec["base_s"]}
-    elif base:
+    else:
         out["prepare"] = sec
     # upload throughput by size
     sec = ref.section("upload")
@@ -377,7 +386,7 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     elif s.upload:
         x, y = s.upload[0]
         out["upload"] = {"log_rate": {"a": round(_shrink(y, 1, sec["log_rate"]["a"] if base else None), 4), "b": 0.0, "ref": round(x, 4), "sd": 1.0}}
-    elif base:
+    else:
         out["upload"] = {"log_rate": sec["log_rate"]}
     out.setdefault("upload", {"log_rate": dict(GENERIC["upload"]["log_rate"])})
     out["upload"]["gap_s"] = round(float(sec["gap_s"]), 3)
@@ -426,7 +435,7 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     out["queue"] = qsec
     # model load
     sec = ref.section("load_model")
-    lsec: dict[str, Any] = dict(sec) if base else {}
+    lsec: dict[str, Any] = dict(sec) if base or not s.load else {}
     for key, xs in s.load.items():
         got = dist(xs, key, "load_model", min_n=3)
         if got:
@@ -437,6 +446,12 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     # time per frame
     sec = ref.section("upscale")
     usec = _fit_spf(s.spf, base) or dict(sec)
+    if base is None and s.spf:
+        # GPUs this fit has not seen keep the built-in prior
+        known = set(usec.get("gpu", {}))
+        builtin = {k: v for k, v in ref.section("upscale").items() if k != "fallback"}
+        if set(builtin.get("gpu", {})) - known:
+            usec["fallback"] = builtin
     usec["overhead_s"] = round(min(max(_median(s.overhead, sec["overhead_s"]), 0.0), 5.0), 3)
     usec["gap_s"] = round(_median(s.seg_gap, sec["gap_s"]), 3)
     usec["settle_frames"] = _SETTLE_FRAMES
@@ -453,7 +468,7 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     out["encode"] = {"flush_s": round(_median([x for x in s.flush if x >= 0], ref.section("encode")["flush_s"]), 3)}
     # finalize by output size
     sec = ref.section("finalize")
-    fsec: dict[str, Any] = dict(sec) if base else {}
+    fsec: dict[str, Any] = dict(sec) if base or not s.finalize else {}
     for key, pts in s.finalize.items():
         lf = _linfit([x for x, _ in pts], [y for _, y in pts])
         ys = [y for _, y in pts]

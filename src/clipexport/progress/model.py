@@ -291,6 +291,9 @@ class TimingModel:
         mu = float(sec["mu"])
         known = True
         gpus = sec.get("gpu") or {}
+        fallback = sec.get("fallback")
+        if gpu not in gpus and isinstance(fallback, dict) and gpu in (fallback.get("gpu") or {}):
+            return TimingModel({"upscale": fallback}).spf(features)
         if gpu in gpus:
             mu += float(gpus[gpu])
         else:

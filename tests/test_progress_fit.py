@@ -1,0 +1,171 @@
+"""`eta fit` recovers the rates the logs were made with; replay does not look ahead."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from clipexport.progress import TimingModel, fit_logs, load_model, replay_traces
+from clipexport.progress import model as model_mod
+from clipexport.progress.model import Dist
+
+from .test_progress_synth import JobSpec, write_log
+
+UPLOAD = 3e6
+DOWNLOAD = 12e6
+SPF = {"T4": 0.08, "L4": 0.04}  # per frame at 640x360, x4, animevideov3
+BPF = 60_000.0
+
+
+def _specs() -> list[JobSpec]:
+    specs = []
+    for i in range(12):
+        gpu = "T4" if i % 2 else "L4"
+        warm = (i % 3 != 0, False)
+        specs.append(JobSpec(
+            job=f"cx-fit{i:02d}", t0=1_700_000_000.0 + 10_000 * i, gpu=gpu,
+            frames=240 + 120 * (i % 4), segment_frames=120, parallel=2,
+            input_bytes=10_000_000 + 2_000_000 * i, upload_rate=UPLOAD, download_rate=DOWNLOAD,
+            spf=SPF[gpu], bytes_per_frame=BPF, warm=warm, cold_s=20.0 + 2 * i, load_s=4.0 + 0.2 * i,
+        ))
+    return specs
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> list[Path]:
+    d = tmp_path_factory.mktemp("logs")
+    return [write_log(d / f"{s.job}.jsonl", s) for s in _specs()]
+
+
+@pytest.fixture(scope="module")
+def fitted(logs) -> TimingModel:
+    return fit_logs(logs)
+
+
+def test_fit_recovers_upload_and_download_throughput(fitted):
+    mu, _ = fitted.upload_rate(20_000_000)
+    assert math.exp(mu) == pytest.approx(UPLOAD, rel=0.05)
+    mu, _ = fitted.download_rate(UPLOAD)
+    assert math.exp(mu) == pytest.approx(DOWNLOAD, rel=0.05)
+
+
+def test_fit_recovers_time_per_frame_by_gpu(fitted):
+    for gpu, spf in SPF.items():
+        features = {"gpu": gpu, "model": "realesr-animevideov3", "scale": 4, "in_width": 640, "in_height": 360}
+        mu, _ = fitted.spf(features)
+        assert math.exp(mu) == pytest.approx(spf, rel=0.05)
+        # per pixel: twice the pixels, twice the time
+        mu2, _ = fitted.spf(dict(features, in_width=1280))
+        assert math.exp(mu2 - mu) == pytest.approx(2.0, rel=0.01)
+
+
+def test_fit_recovers_waits_output_size_and_cold_start_odds(fitted):
+    cold = fitted.cold_wait()
+    assert cold.q[0] == pytest.approx(20.0, abs=0.5) and cold.q[-1] == pytest.approx(42.0, abs=0.5)
+    assert fitted.warm_wait().q[-1] == pytest.approx(1.5, abs=0.1)
+    # first container warm in 8 of 12 jobs, a second one never
+    assert fitted.p_warm(1) == pytest.approx(8 / 12, abs=0.01)
+    assert fitted.p_warm(2) == pytest.approx(0.0, abs=0.01)
+    mu, _ = fitted.bytes_per_frame({"out_width": 2560, "out_height": 1440})
+    assert math.exp(mu) == pytest.approx(BPF, rel=0.02)
+    load = fitted.load_time({"backend": "modal", "model": "realesr-animevideov3"})
+    assert 4.0 <= load.mean() <= 6.2
+    assert fitted.finalize_time({"backend": "modal"}, 0.0) == pytest.approx(0.5, abs=0.05)
+
+
+def test_model_round_trips_through_json(fitted, tmp_path):
+    path = tmp_path / "model.json"
+    fitted.save(path)
+    assert TimingModel.load(path) == fitted
+    assert json.loads(path.read_text())["format"] == "clipexport-timing-model"
+    assert path.stat().st_size < 20_000  # a small file
+
+
+def test_load_model_prefers_the_path_then_the_users_model_then_the_default(fitted, tmp_path, monkeypatch):
+    user = tmp_path / "user" / "timing-model.json"
+    monkeypatch.setattr(model_mod, "user_model_path", lambda: user)
+    assert load_model() == TimingModel.default()
+    fitted.save(user)
+    assert load_model() == fitted
+    other = tmp_path / "other.json"
+    TimingModel.generic().save(other)
+    assert load_model(other) == TimingModel.generic()
+    user.write_text("{not json")
+    assert load_model() == TimingModel.default()  # a damaged user model never stops a job
+    with pytest.raises(ValueError, match="not a clipexport timing model"):
+        TimingModel.load(_bad(tmp_path))
+
+
+def _bad(tmp_path: Path) -> Path:
+    p = tmp_path / "bad.json"
+    p.write_text('{"format": "something else"}')
+    return p
+
+
+def test_a_fit_from_few_logs_keeps_the_builtin_priors_for_the_rest(fitted):
+    f = {"gpu": "H100", "model": "realesrgan-x4plus", "scale": 4, "in_width": 1280, "in_height": 720}
+    assert fitted.spf(f) == TimingModel.default().spf(f)
+    assert fitted.load_time({"backend": "local", "model": "realesrgan-x4plus"}).q  # a section the logs lack
+
+
+def test_refit_with_a_base_keeps_what_the_logs_do_not_say(logs):
+    base = TimingModel.default()
+    refit = fit_logs(logs[:2], base=base)
+    # GPUs the user never used keep the built-in prior
+    f = {"gpu": "H100", "model": "realesrgan-x4plus", "scale": 4, "in_width": 1280, "in_height": 720}
+    assert refit.spf(f)[0] == pytest.approx(base.spf(f)[0], abs=1e-6)
+    # the user's own line moves the upload prior towards it
+    assert abs(refit.upload_rate(2e7)[0] - math.log(UPLOAD)) < abs(base.upload_rate(2e7)[0] - math.log(UPLOAD))
+
+
+def test_default_model_is_complete():
+    m = TimingModel.default()
+    for section in ("upload", "download", "output", "queue", "load_model", "upscale", "encode", "finalize"):
+        assert section in m.data, section
+    assert {"A10", "H100", "L4", "T4", "cpu", "rtx4090"} <= set(m.data["upscale"]["gpu"])
+
+
+def test_dist_conditions_on_time_waited():
+    d = Dist([10.0, 20.0, 30.0])  # uniform on [10, 30]
+    assert d.mean() == pytest.approx(20.0)
+    assert d.remaining(0.0) == pytest.approx(20.0)
+    assert d.remaining(20.0) == pytest.approx(5.0)
+    assert d.survival(25.0) == pytest.approx(0.25)
+    assert d.remaining(60.0) == pytest.approx(12.0)  # past everything seen: a share of the wait
+
+
+def test_replay_of_a_truncated_trace_matches_the_whole_up_to_the_cut(logs, tmp_path):
+    whole = logs[1]
+    lines = whole.read_text().splitlines()
+    cut = tmp_path / whole.name
+    cut.write_text("\n".join(lines[: len(lines) // 3]) + "\n")
+    model = TimingModel.default()
+    full = list(replay_traces([whole], model))
+    part = list(replay_traces([cut], model))
+    assert len(full) == len(lines) and len(part) == len(lines) // 3
+    assert part == full[: len(part)]
+    assert set(full[0]) == {"trace", "seq", "t", "fraction", "remaining_s"}
+    assert full[-1]["fraction"] == 1.0 and full[-1]["remaining_s"] == 0.0
+    assert all(a["fraction"] <= b["fraction"] for a, b in zip(full, full[1:]))
+
+
+def test_replay_is_fast_and_does_not_import_torch(logs):
+    import sys
+
+    start = time.perf_counter()
+    n = sum(1 for _ in replay_traces(logs, TimingModel.default()))
+    assert n > 1000
+    assert time.perf_counter() - start < 5.0
+    if os.environ.get("CLIPEXPORT_CHECK_TORCH", "1") == "1":
+        import subprocess
+
+        code = (
+            "import sys; from clipexport.progress import replay_traces, TimingModel, fit_logs;"
+            "from clipexport.progress.display import make_display; assert 'torch' not in sys.modules"
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
