@@ -1,0 +1,345 @@
+"""The body of a remote segment call, shared by `modal_app.py` and the test fake.
+
+A remote worker (a Modal container) gets plain task dicts and a storage URL.
+For each task it:
+
+1. skips it when the segment is already stored under `task.key` (a finished
+   segment is never redone, whoever finished it);
+2. fetches the input clip from the store into a local cache, once per
+   container per key (keys are content-addressed, so a cached file is right);
+3. runs `worker.run_segment`, the very generator the local backend runs;
+4. publishes the segment's cumulative state to the job's progress channel
+   (throttled to about one write a second, always on phase starts and ends);
+5. puts the finished file in the store under `task.key`, then publishes the
+   segment as stored.
+
+A part restarted on the same input (a preempted container, a retry) finds its
+own earlier snapshot in the channel and runs as `attempt + 1`, so the client
+sees the restart as the contract says. Nothing here imports Modal.
+
+The channel snapshot of a segment (one object per part)::
+
+    {"part": "seg-0002", "attempt": 1, "state": "running",   # running | stored | failed
+     "container": "ta-01H...", "cold": true, "load_s": 4.2,  # cold/load_s: first input after enter
+     "key": "segments/....mp4", "skipped": false,
+     "phases": {"upscale": {"done": 120, "total": 240, "ended": false, "elapsed": null},
+                "encode":  {"done": 120, "total": 240, "ended": false, "elapsed": null, "bytes": null}},
+     "error": null}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipexport.errors import BackendError, ClipexportError
+from clipexport.media import ClipPlan, Segment
+from clipexport.storage import ProgressChannel, Storage, open_storage
+from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
+
+logger = logging.getLogger("clipexport.remote")
+
+ENV_WORK_DIR = "CLIPEXPORT_WORK_DIR"
+PUBLISH_INTERVAL_S = 1.0
+PHASES = ("upscale", "encode")
+_SHA_IN_KEY = re.compile(r"(?:^|/)([0-9a-f]{64})(?:\.[A-Za-z0-9]+)?$")
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+# -- tasks as plain data ------------------------------------------------------
+
+
+def task_to_dict(task: SegmentTask) -> dict[str, Any]:
+    """A JSON-ready form of a task, for a call argument or a job-store fact."""
+    return {
+        "job": task.job,
+        "segment": dataclasses.asdict(task.segment),
+        "clip": task.clip.to_dict(),
+        "key": task.key,
+        "codec": task.codec,
+        "crf": task.crf,
+        "attempt": task.attempt,
+        "input_key": task.input_key,
+    }
+
+
+def task_from_dict(data: dict[str, Any]) -> SegmentTask:
+    return SegmentTask(
+        job=str(data["job"]),
+        segment=Segment(**{k: int(v) for k, v in data["segment"].items()}),
+        clip=ClipPlan.from_dict(data["clip"]),
+        key=str(data["key"]),
+        codec=str(data.get("codec") or "h264"),
+        crf=None if data.get("crf") is None else int(data["crf"]),
+        attempt=int(data.get("attempt") or 1),
+        input_key=data.get("input_key"),
+    )
+
+
+def channel_prefix(job: str) -> str:
+    """Where a job's progress channel lives in the store (both ends use it)."""
+    return f"jobs/{job}/progress/"
+
+
+# -- the container ------------------------------------------------------------
+
+
+@dataclass
+class Container:
+    """What a worker knows of the container it runs in.
+
+    `cold` is true from the model load (`@modal.enter`) until the first input
+    takes it: that input reports the container as a cold start, with
+    `load_s`, the seconds the load took; later inputs report it warm.
+    """
+
+    id: str
+    cold: bool = False
+    load_s: float | None = None
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def loaded(cls, load_s: float, id: str | None = None) -> Container:
+        """A container whose model just loaded in `load_s` seconds."""
+        return cls(id=id or container_id(), cold=True, load_s=round(load_s, 3))
+
+    def take_cold(self) -> tuple[bool, float | None]:
+        """(cold, load_s) for the next input; only the first one is cold."""
+        with self._lock:
+            cold, self.cold = self.cold, False
+            return cold, (self.load_s if cold else None)
+
+
+def container_id() -> str:
+    """Modal's task id inside a container, else this process's id."""
+    return os.environ.get("MODAL_TASK_ID") or f"pid-{os.getpid()}"
+
+
+def work_dir() -> Path:
+    """Scratch space for cached inputs and segments being written."""
+    root = os.environ.get(ENV_WORK_DIR) or os.path.join(tempfile.gettempdir(), "clipexport-remote")
+    return Path(root)
+
+
+_stores: dict[tuple[str, str | None], Storage] = {}
+_stores_lock = threading.Lock()
+
+
+def storage_for(url: str, endpoint_url: str | None) -> Storage:
+    """One Storage per (url, endpoint) per process: clients are reused."""
+    with _stores_lock:
+        store = _stores.get((url, endpoint_url))
+        if store is None:
+            store = _stores[(url, endpoint_url)] = open_storage(url, endpoint_url=endpoint_url)
+        return store
+
+
+_fetch_locks: dict[str, threading.Lock] = {}
+_fetch_guard = threading.Lock()
+
+
+def fetch_input(storage: Storage, key: str, cache: Path) -> Path:
+    """The input object `key`, downloaded into `cache` once (sha256-checked)."""
+    path = cache / "inputs" / key.replace("/", "_")
+    with _fetch_guard:
+        lock = _fetch_locks.setdefault(str(path), threading.Lock())
+    with lock:
+        if not path.is_file():
+            match = _SHA_IN_KEY.search(key)
+            storage.get_file(key, path, sha256=match.group(1) if match else None)
+    return path
+
+
+# -- one call -----------------------------------------------------------------
+
+
+def run_remote(
+    task_dicts: Sequence[dict[str, Any]],
+    storage_url: str,
+    endpoint_url: str | None,
+    upscaler: FrameUpscaler,
+    container: Container,
+    **options: Any,
+) -> dict[str, Any]:
+    """What a Modal method body calls: open the store, then `run_segments`."""
+    return run_segments(task_dicts, storage_for(storage_url, endpoint_url), upscaler, container, **options)
+
+
+def run_segments(
+    task_dicts: Sequence[dict[str, Any]],
+    storage: Storage,
+    upscaler: FrameUpscaler,
+    container: Container,
+    *,
+    cache: Path | None = None,
+    interval: float = PUBLISH_INTERVAL_S,
+    clock: Callable[[], float] = time.monotonic,
+    observer: Observer | None = None,
+) -> dict[str, Any]:
+    """Run the tasks one after the other; return what became of each.
+
+    Returns ``{"container": id, "segments": [{"part", "key", "attempt",
+    "frames", "bytes", "elapsed", "skipped"}, ...]}``. A clipexport error
+    (a corrupt input, a store that refuses the credentials) is returned, not
+    raised, as ``"error"`` and ``"resumable"`` next to the segments finished
+    before it: retrying the input would fail the same way. Anything else
+    propagates, so that the platform marks the call failed (and may retry it).
+    """
+    cache = cache or work_dir()
+    tasks = [task_from_dict(d) for d in task_dicts]
+    result: dict[str, Any] = {"container": container.id, "segments": []}
+    if not tasks:
+        return result
+    channel = ProgressChannel(storage, channel_prefix(tasks[0].job), interval=interval, clock=clock)
+    for task in tasks:
+        run = _SegmentRun(task, storage, channel, container, clock, observer)
+        try:
+            result["segments"].append(run.execute(upscaler, cache))
+        except ClipexportError as exc:
+            run.failed(str(exc))
+            result.update(error=f"{task.segment.name}: {exc}", resumable=bool(exc.resumable), part=task.segment.name)
+            return result
+        except Exception as exc:
+            run.failed(f"{type(exc).__name__}: {exc}")
+            raise
+    return result
+
+
+class _SegmentRun:
+    """One task in a container: its snapshot, its events, its result."""
+
+    def __init__(
+        self,
+        task: SegmentTask,
+        storage: Storage,
+        channel: ProgressChannel,
+        container: Container,
+        clock: Callable[[], float],
+        observer: Observer | None,
+    ) -> None:
+        self.task, self.storage, self.channel = task, storage, channel
+        self.part = task.segment.name
+        self.clock, self.observer = clock, observer
+        self.container = container
+        self.previous = self._previous()
+        self.attempt = task.attempt
+        cold, load_s = False, None
+        total = task.segment.count
+        self.snapshot: dict[str, Any] = {
+            "part": self.part,
+            "attempt": self.attempt,
+            "state": "running",
+            "container": container.id,
+            "cold": cold,
+            "load_s": load_s,
+            "key": task.key,
+            "skipped": False,
+            "phases": {p: {"done": 0, "total": total, "ended": False, "elapsed": None} for p in PHASES},
+            "error": None,
+        }
+        self.snapshot["phases"]["encode"]["bytes"] = None
+
+    def _previous(self) -> dict[str, Any]:
+        """This part's latest snapshot in the channel, from an earlier run; {} if none."""
+        try:
+            raw = self.storage.get_bytes(self.channel.key(self.part))
+            snapshot = json.loads(raw)["snapshot"] if raw else {}
+        except (ClipexportError, ValueError, KeyError, TypeError):
+            return {}  # unreadable: nothing to go on
+        return snapshot if isinstance(snapshot, dict) else {}
+
+    def execute(self, upscaler: FrameUpscaler, cache: Path) -> dict[str, Any]:
+        task, previous = self.task, self.previous
+        seen = previous.get("attempt")
+        seen = seen if isinstance(seen, int) and not isinstance(seen, bool) else 0
+        found = self.storage.stat(task.key)
+        if found is not None:
+            if previous.get("state") == "stored":  # its snapshot already says so
+                self.attempt = max(seen, 1)
+                return self._result(frames=task.segment.count, size=found.size, elapsed=0.0, skipped=True)
+            return self._skip(found.size)
+        if seen >= task.attempt:  # a run of this attempt began before: a preempted or retried input
+            self.attempt = seen + 1
+        self.snapshot["attempt"] = self.attempt
+        cold, load_s = self.container.take_cold()
+        self.snapshot.update(cold=cold, load_s=load_s)
+        if not task.input_key:
+            raise BackendError(f"task for {self.part} has no input_key: the client did not upload its input",
+                               resumable=False)
+        self._publish(force=True)  # the call has started: the client's wait is over
+        local = fetch_input(self.storage, task.input_key, cache)
+        plan = dataclasses.replace(task.clip, info=dataclasses.replace(task.clip.info, path=local))
+        runnable = dataclasses.replace(task, clip=plan, attempt=self.attempt)
+        out = cache / "segments" / f"{task.job}-{self.part}-{self.attempt}{Path(task.key).suffix}"
+        started = self.clock()
+        try:
+            for event in run_segment(runnable, upscaler, out):
+                self._apply(event)
+            size = out.stat().st_size
+            self.storage.put_file(task.key, out)
+        finally:
+            out.unlink(missing_ok=True)
+        elapsed = round(self.clock() - started, 3)
+        self.snapshot["state"] = "stored"
+        self.snapshot["phases"]["encode"]["elapsed"] = elapsed  # encode ends once the file is stored
+        self._publish(force=True)
+        frames = self.snapshot["phases"]["encode"]["done"]
+        return self._result(frames=frames, size=size, elapsed=elapsed, skipped=False)
+
+    def _skip(self, size: int) -> dict[str, Any]:
+        total = self.task.segment.count
+        for phase in PHASES:
+            self.snapshot["phases"][phase].update(done=total, ended=True, elapsed=0.0)
+        self.snapshot["phases"]["encode"]["bytes"] = size
+        self.snapshot.update(state="stored", skipped=True)
+        self._publish(force=True)
+        return self._result(frames=total, size=size, elapsed=0.0, skipped=True)
+
+    def _result(self, *, frames: int, size: int, elapsed: float, skipped: bool) -> dict[str, Any]:
+        return {"part": self.part, "key": self.task.key, "attempt": self.attempt, "frames": frames,
+                "bytes": size, "elapsed": elapsed, "skipped": skipped}
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        """Fold one worker event into the snapshot and publish it."""
+        if self.observer is not None:
+            self.observer({**event, "container": self.snapshot["container"]})
+        phase = self.snapshot["phases"].get(event.get("phase"))
+        if phase is None:
+            return
+        if isinstance(event.get("done"), int):
+            phase["done"] = max(phase["done"], event["done"])
+        if isinstance(event.get("total"), int):
+            phase["total"] = event["total"]
+        kind = event.get("type")
+        if kind == "phase_end":
+            phase["ended"] = True
+            phase["elapsed"] = event.get("elapsed")
+            if "bytes" in event:
+                phase["bytes"] = event["bytes"]
+        self._publish(force=kind in ("phase_start", "phase_end"))
+
+    def _publish(self, *, force: bool) -> None:
+        snapshot = json.loads(json.dumps(self.snapshot))  # a copy: a held snapshot must not change
+        if force:
+            self.channel.publish(self.part, snapshot, force=True)
+        else:
+            self.channel.publish(self.part, snapshot)
+
+    def failed(self, message: str) -> None:
+        """Say so in the channel (best effort: the call's own failure is what counts)."""
+        self.snapshot.update(state="failed", error=message[:500])
+        try:
+            self._publish(force=True)
+        except Exception:  # noqa: BLE001 - already failing; the client learns it from the call
+            logger.warning("could not publish the failure of %s", self.part, exc_info=True)
