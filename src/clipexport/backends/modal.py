@@ -1,0 +1,665 @@
+"""The Modal backend: segments run on Modal GPUs as spawned calls.
+
+Modal is reached through `ModalClient`, four calls wide (spawn, warm_up, get,
+cancel), so the policy here runs the same against Modal (`RealModalClient`)
+and against the in-process fake the tests use. Generator calls cannot be
+spawned or re-attached, and die with their consumer (modal-client #4125), so
+each segment is a plain spawned call whose body drives the worker generator
+in the container and publishes its progress to the store's progress channel
+(`clipexport.remote`). The client:
+
+1. records every call id in the job store (`call:<seg-name>` -> {"id",
+   "attempt", "lane"}) before it shows anything about the call;
+2. follows progress through the channel and completion through `get`;
+3. on `resume`, re-attaches to the recorded calls instead of spawning again:
+   a finished call whose segment is stored is done; a failed or expired call
+   whose segment is not stored is spawned again as attempt + 1;
+4. on stop, returns without cancelling: the calls go on, `resume` finds them.
+
+At most `parallel` calls run at once; each runs in a *lane* (`ctr-01`, ...),
+which is what the progress contract calls a container: the queue phase has
+one part per lane, from its first spawn to its first progress, and segment
+events carry the lane as `worker`.
+
+Errors cross this boundary as `BackendError` (with `resumable`):
+`CallFailed` for a call that raised or was cancelled, `CallExpired` for one
+whose output Modal no longer keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from clipexport.backends.base import EmitFn
+from clipexport.errors import BackendError, ClipexportError, Interrupted, UsageError
+from clipexport.jobs import JobStore
+from clipexport.remote import channel_prefix, task_to_dict
+from clipexport.storage import ProgressChannel, Storage
+from clipexport.worker import SegmentTask
+
+logger = logging.getLogger("clipexport.backends.modal")
+
+APP_NAME = "clipexport"
+CLASS_NAME = "Upscaler"
+NO_TOKEN = "no Modal token: run `modal token new` or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET"
+NOT_DEPLOYED = f"app {APP_NAME} is not deployed: run `modal deploy modal_app.py`"
+NO_MODAL = "--backend modal needs the modal package: pip install 'clipexport[modal]'"
+
+PHASES = ("upscale", "encode")
+CHECK_S = 5.0  # a running call's `get` is asked at least this often
+MAX_RESPAWNS = 2  # per segment and run: a failed call is spawned again this many times
+
+
+class CallFailed(BackendError):
+    """A call raised, crashed, timed out or was cancelled (the job can be resumed)."""
+
+
+class CallExpired(BackendError):
+    """Modal no longer keeps the call's output (7 days), or does not know the call."""
+
+
+class ModalClient(Protocol):
+    """What the backend needs of Modal; `RealModalClient` is Modal itself."""
+
+    def spawn(
+        self,
+        task_dicts: list[dict[str, Any]],
+        storage_url: str,
+        endpoint_url: str | None,
+        *,
+        model: str,
+        scale: int,
+        gpu: str | None,
+    ) -> str:
+        """Spawn one call running `task_dicts` in order; return its id."""
+        ...
+
+    def warm_up(self, *, model: str, scale: int, gpu: str | None) -> str:
+        """Spawn a call that only starts a container (loads the model); return its id."""
+        ...
+
+    def get(self, call_id: str, timeout: float) -> Any:
+        """The call's result; builtin TimeoutError while it runs; CallFailed, CallExpired."""
+        ...
+
+    def cancel(self, call_id: str) -> None: ...
+
+
+# -- Modal itself -------------------------------------------------------------
+
+
+def has_modal_token() -> bool:
+    """Whether Modal has credentials to use, read from its config: no network."""
+    try:
+        from modal.config import config
+    except ImportError:
+        raise BackendError(NO_MODAL, resumable=False) from None
+    except Exception as exc:  # modal.exception.InvalidError: an unreadable ~/.modal.toml
+        raise BackendError(f"Modal's configuration is unreadable: {_one_line(str(exc))}", resumable=False) from None
+    if config.get("token_id") and config.get("token_secret"):
+        return True
+    return bool(config.get("oauth_refresh_token") and config.get("oauth_client_id"))
+
+
+def check_storage(storage_url: str | None) -> None:
+    """A Modal container must reach the store: an S3/R2 bucket, not a local directory."""
+    if not storage_url or storage_url.split(":", 1)[0].lower() not in ("s3", "r2"):
+        shown = storage_url or "the default local store"
+        raise UsageError(
+            f"--backend modal needs --storage r2://bucket/prefix or s3://bucket/prefix "
+            f"(a Modal container cannot read {shown})"
+        )
+
+
+class RealModalClient:
+    """`ModalClient` on the deployed app `clipexport` (see `modal_app.py`).
+
+    Constructing it checks, without a network round trip, that modal is
+    installed and has a token, so a missing token fails in milliseconds
+    instead of a minute-long hang.
+    """
+
+    def __init__(self, *, environment: str | None = None, app_name: str = APP_NAME) -> None:
+        if not has_modal_token():
+            raise BackendError(NO_TOKEN, resumable=False)
+        import modal
+
+        self._modal = modal
+        self._environment = environment
+        self._app_name = app_name
+        self._classes: dict[tuple[str, int, str | None], Any] = {}
+
+    def _instance(self, model: str, scale: int, gpu: str | None) -> Any:
+        key = (model, scale, gpu)
+        obj = self._classes.get(key)
+        if obj is None:
+            cls = self._modal.Cls.from_name(self._app_name, CLASS_NAME, environment_name=self._environment)
+            if gpu:
+                cls = cls.with_options(gpu=gpu)
+            obj = self._classes[key] = cls(model=model, scale=scale)
+        return obj
+
+    def spawn(self, task_dicts, storage_url, endpoint_url, *, model, scale, gpu):  # noqa: ANN001, ANN201
+        with _translated(deploying=True):
+            call = self._instance(model, scale, gpu).run.spawn(list(task_dicts), storage_url, endpoint_url)
+            return call.object_id
+
+    def warm_up(self, *, model, scale, gpu):  # noqa: ANN001, ANN201
+        with _translated(deploying=True):
+            return self._instance(model, scale, gpu).warm_up.spawn().object_id
+
+    def get(self, call_id: str, timeout: float) -> Any:
+        with _translated(deploying=False):
+            return self._modal.FunctionCall.from_id(call_id).get(timeout=timeout)
+
+    def cancel(self, call_id: str) -> None:
+        with _translated(deploying=False):
+            self._modal.FunctionCall.from_id(call_id).cancel()
+
+
+@contextmanager
+def _translated(*, deploying: bool) -> Iterator[None]:
+    """Modal's exceptions become clipexport's; the builtin TimeoutError (running) passes."""
+    try:
+        yield
+    except TimeoutError:
+        raise
+    except ClipexportError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, deploying=deploying) from exc
+
+
+def translate_error(exc: BaseException, *, deploying: bool) -> BackendError:
+    """The BackendError a Modal (or remote) exception stands for."""
+    from modal import exception as mx
+
+    message = _one_line(str(exc)) or type(exc).__name__
+    if isinstance(exc, mx.AuthError):
+        return BackendError(f"Modal rejected the token ({message}): run `modal token new`", resumable=False)
+    if isinstance(exc, mx.NotFoundError):
+        if deploying:
+            return BackendError(NOT_DEPLOYED, resumable=False)
+        return CallExpired(f"Modal does not know the call ({message})")
+    if isinstance(exc, mx.OutputExpiredError):
+        return CallExpired("the call's output has expired (Modal keeps it 7 days)")
+    if isinstance(exc, mx.FunctionTimeoutError):
+        return CallFailed(f"the call ran past its time limit ({message})")
+    if isinstance(exc, (mx.ConnectionError, ConnectionError, OSError)):
+        return BackendError(f"cannot reach Modal: {message}", resumable=True)
+    if isinstance(exc, mx.InvalidError) and deploying:
+        return BackendError(f"Modal refused the call: {message}", resumable=False)
+    return CallFailed(f"{type(exc).__name__}: {message}")
+
+
+def _one_line(text: str) -> str:
+    """A remote traceback's last line (the exception), else the first line, clipped."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    line = lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return line[:300]
+
+
+def preflight(storage_url: str | None, *, weights: str | None = None) -> RealModalClient:
+    """Everything that can be checked before a job exists, fastest first."""
+    client = RealModalClient()
+    check_storage(storage_url)
+    if weights is not None:
+        raise UsageError("--weights is not supported with --backend modal (the image carries the official weights)")
+    return client
+
+
+def cancel_calls(client: ModalClient, store: JobStore, job_id: str) -> int:
+    """Cancel every call a job recorded (segments and warm-ups); return how many were asked."""
+    ids = {v["id"] for v in store.facts(job_id, "call:").values() if isinstance(v, dict) and v.get("id")}
+    ids |= {v["id"] for v in store.facts(job_id, "warmup:").values() if isinstance(v, dict) and v.get("id")}
+    for call_id in sorted(ids):
+        try:
+            client.cancel(call_id)
+        except (CallExpired, CallFailed):
+            continue  # finished or forgotten: nothing left to stop
+    return len(ids)
+
+
+# -- the backend --------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    id: str
+    tasks: list[SegmentTask]
+    attempt: int
+    lane: _Lane
+    spawned: float
+    started: bool = False
+    checked: float = -math.inf
+
+
+@dataclass
+class _Lane:
+    name: str
+    call: _Call | None = None
+    queue_since: float | None = None  # its queue part is open since then
+    used: bool = False  # its queue part was opened in this run
+
+
+@dataclass
+class _PartView:
+    """What the client has shown of one segment, to turn snapshots into events."""
+
+    name: str
+    attempt: int = 0
+    started: set[str] = field(default_factory=set)
+    done: dict[str, int] = field(default_factory=dict)
+    ended: set[str] = field(default_factory=set)
+    state: str | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return "encode" in self.ended
+
+    def apply(self, snap: dict[str, Any], lane: str | None) -> list[dict[str, Any]]:
+        """Events for what `snap` shows that was not shown yet (none for a stale attempt)."""
+        attempt = snap.get("attempt")
+        attempt = attempt if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0 else 1
+        if attempt < self.attempt:
+            return []
+        if attempt > self.attempt:
+            self.attempt, self.started, self.done, self.ended = attempt, set(), {}, set()
+        self.state, self.error = snap.get("state"), snap.get("error")
+        stored = self.state == "stored"
+        extra = {"skipped": True} if snap.get("skipped") else {}
+        phases = snap.get("phases") or {}
+        out: list[dict[str, Any]] = []
+        for phase in PHASES:
+            p = phases.get(phase)
+            if not isinstance(p, dict) or phase in self.ended:
+                continue
+            common = {"phase": phase, "part": self.name, "unit": "frames", "total": p.get("total"), "attempt": attempt}
+            if phase not in self.started:
+                start = {"type": "phase_start", **common}
+                if lane:
+                    start["worker"] = lane
+                if snap.get("container"):
+                    start["container"] = snap["container"]
+                out.append(start)
+                self.started.add(phase)
+            done = int(p.get("done") or 0)
+            ends = bool(p.get("ended")) and (phase == "upscale" or stored)
+            if done > self.done.get(phase, 0) or (ends and phase not in self.done):
+                out.append({"type": "progress", **common, "done": done, **extra})
+                self.done[phase] = done
+            if ends:
+                end = {"type": "phase_end", **common, "done": done, "elapsed": p.get("elapsed"), **extra}
+                if phase == "encode":
+                    end["bytes"] = p.get("bytes")
+                    end["key"] = snap.get("key")
+                out.append(end)
+                self.ended.add(phase)
+        return out
+
+
+def _finished_snapshot(task: SegmentTask, attempt: int, *, size: int | None, elapsed: float | None,
+                       skipped: bool) -> dict[str, Any]:
+    """A snapshot of a stored segment, for when the channel did not say it."""
+    total = task.segment.count
+    phases = {p: {"done": total, "total": total, "ended": True, "elapsed": elapsed} for p in PHASES}
+    phases["encode"]["bytes"] = size
+    return {"part": task.segment.name, "attempt": attempt, "state": "stored", "skipped": skipped,
+            "key": task.key, "phases": phases}
+
+
+class ModalBackend:
+    """Runs segment tasks as spawned Modal calls and follows them (see the module doc)."""
+
+    name = "modal"
+
+    def __init__(
+        self,
+        client: ModalClient,
+        storage: Storage,
+        *,
+        store: JobStore,
+        job_id: str,
+        model: str,
+        scale: int,
+        parallel: int = 1,
+        gpu: str | None = None,
+        endpoint_url: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = 1.0,
+        check_s: float = CHECK_S,
+        max_respawns: int = MAX_RESPAWNS,
+    ) -> None:
+        if parallel < 1:
+            raise UsageError(f"--parallel must be at least 1, not {parallel}")
+        self.client, self.storage = client, storage
+        self.store, self.job = store, job_id
+        self.model, self.scale, self.gpu = model, scale, gpu
+        self.parallel = parallel
+        settings = getattr(storage, "settings", None)
+        self.endpoint_url = endpoint_url or getattr(settings, "endpoint_url", None)
+        self._clock, self.poll_s, self.check_s, self.max_respawns = clock, poll_s, check_s, max_respawns
+        self._warmups: list[str] = []
+        self._warm_known = False
+
+    # -- warm-up ---------------------------------------------------------------
+
+    def warm_up(self, count: int | None = None) -> None:
+        """Start `count` containers (default `parallel`) now, e.g. while inputs upload.
+
+        Returns at once; the calls only load the model. An app that is not
+        deployed, or a token Modal rejects, fails here, before the upload.
+        """
+        for i in range(max(1, count or self.parallel)):
+            call_id = self.client.warm_up(model=self.model, scale=self.scale, gpu=self.gpu)
+            self.store.set_fact(self.job, f"warmup:{i}", {"id": call_id})
+            self._warmups.append(call_id)
+
+    def _check_warmups(self) -> None:
+        for call_id in list(self._warmups):
+            try:
+                self.client.get(call_id, timeout=0)
+            except TimeoutError:
+                continue
+            except BackendError as exc:
+                logger.info("warm-up call %s failed: %s", call_id, exc)
+            else:
+                self._warm_known = True
+            self._warmups.remove(call_id)
+
+    # -- run -------------------------------------------------------------------
+
+    def run(self, tasks: Sequence[SegmentTask], emit: EmitFn, stop: threading.Event) -> None:
+        if not tasks:
+            return
+        missing = [t.segment.name for t in tasks if not t.input_key]
+        if missing:
+            raise BackendError(f"{missing[0]}: no input_key; upload the inputs before running on Modal",
+                               resumable=False)
+        _Run(self, list(tasks), emit, stop).run()
+
+    def cancel(self) -> int:
+        """Cancel every call this job recorded."""
+        return cancel_calls(self.client, self.store, self.job)
+
+
+class _Run:
+    """One `ModalBackend.run`: lanes, calls, part views and the follow loop."""
+
+    def __init__(self, backend: ModalBackend, tasks: list[SegmentTask], emit: EmitFn, stop: threading.Event):
+        self.b, self.emit, self.stop = backend, emit, stop
+        self.tasks = {t.segment.name: t for t in tasks}
+        self.views = {name: _PartView(name) for name in self.tasks}
+        self.channel = ProgressChannel(backend.storage, channel_prefix(backend.job))
+        self.calls: dict[str, _Call] = {}  # active calls by id
+        self.call_of: dict[str, _Call] = {}  # active call by part
+        self.lanes: list[_Lane] = []
+        self.queued: deque[tuple[SegmentTask, int]] = deque()  # (task, attempt) to spawn
+        self.respawns: dict[str, int] = {}
+        self.queue_since: float | None = None  # the whole queue phase is open since then
+        self.loaded: list[float] = []  # load times of the lanes that ended their queue cold
+
+    @property
+    def now(self) -> float:
+        return self.b._clock()
+
+    # -- set-up ----------------------------------------------------------------
+
+    def run(self) -> None:
+        self._reattach()
+        while True:
+            if self.stop.is_set():
+                self._stopped()
+            self._follow_channel()
+            self._check_calls()
+            self.b._check_warmups()
+            self._fill_lanes()
+            if not self.calls and not self.queued:
+                self._close_queue()
+                return
+            self._heartbeat()
+            if self.stop.wait(self.b.poll_s):
+                self._stopped()
+
+    def _stopped(self) -> None:
+        running = len(self.calls)
+        raise Interrupted(
+            f"stopped; {running} Modal call(s) keep running: `clipexport resume {self.b.job}` re-attaches"
+            if running else "stopped before all segments were done"
+        )
+
+    def _reattach(self) -> None:
+        """Follow the calls a previous client recorded; queue the rest."""
+        recorded: dict[str, dict[str, Any]] = {}
+        for key, value in self.b.store.facts(self.b.job, "call:").items():
+            name = key.removeprefix("call:")
+            if name in self.tasks and isinstance(value, dict) and value.get("id"):
+                recorded[name] = value
+        by_id: dict[str, list[str]] = {}
+        for name, value in recorded.items():
+            by_id.setdefault(value["id"], []).append(name)
+        self._number_lanes()
+        for call_id, names in by_id.items():
+            first = recorded[names[0]]
+            lane = self._lane(first.get("lane"))
+            call = _Call(call_id, [self.tasks[n] for n in names], int(first.get("attempt") or 1), lane, self.now)
+            self._attach(call)
+        for name, task in self.tasks.items():
+            if name in self.call_of:
+                continue
+            found = self.b.storage.stat(task.key)
+            if found is not None:  # stored by a call the job store no longer knows of
+                self._show(name, _finished_snapshot(task, task.attempt, size=found.size, elapsed=0.0, skipped=True))
+                continue
+            previous = recorded.get(name, {}).get("attempt", 0)
+            self.queued.append((task, max(task.attempt, int(previous) + 1 if previous else task.attempt)))
+
+    def _number_lanes(self) -> None:
+        self._lane_count = int(self.b.store.fact(self.b.job, "modal:lanes") or 0)
+
+    def _lane(self, name: str | None = None) -> _Lane:
+        """The lane `name` if it is free, else a new one (numbered across runs)."""
+        for lane in self.lanes:
+            if lane.name == name and lane.call is None:
+                return lane
+        self._lane_count += 1
+        self.b.store.set_fact(self.b.job, "modal:lanes", self._lane_count)
+        lane = _Lane(f"ctr-{self._lane_count:02d}")
+        self.lanes.append(lane)
+        return lane
+
+    def _attach(self, call: _Call) -> None:
+        call.lane.call = call
+        self.calls[call.id] = call
+        for task in call.tasks:
+            self.call_of[task.segment.name] = call
+
+    # -- spawning --------------------------------------------------------------
+
+    def _fill_lanes(self) -> None:
+        while self.queued and len(self.calls) < self.b.parallel:
+            task, attempt = self.queued.popleft()
+            free = [lane for lane in self.lanes if lane.call is None]
+            lane = free[0] if free else self._lane()
+            self._spawn([task], attempt, lane)
+
+    def _spawn(self, tasks: list[SegmentTask], attempt: int, lane: _Lane) -> None:
+        dicts = [task_to_dict(dataclasses.replace(t, attempt=attempt)) for t in tasks]
+        b = self.b
+        call_id = b.client.spawn(dicts, b.storage.url, b.endpoint_url, model=b.model, scale=b.scale, gpu=b.gpu)
+        for task in tasks:  # durable before anything is shown
+            b.store.set_fact(b.job, f"call:{task.segment.name}", {"id": call_id, "attempt": attempt, "lane": lane.name})
+        call = _Call(call_id, tasks, attempt, lane, self.now)
+        self._attach(call)
+        self._open_queue(lane)
+
+    # -- the queue phase -------------------------------------------------------
+
+    def _open_queue(self, lane: _Lane) -> None:
+        if lane.used:
+            return
+        lane.used, lane.queue_since = True, self.now
+        if self.queue_since is None:
+            self.queue_since = self.now
+            self.emit({"type": "phase_start", "phase": "queue"})
+        self.emit({"type": "phase_start", "phase": "queue", "part": lane.name})
+
+    def _call_started(self, call: _Call, snap: dict[str, Any]) -> None:
+        if call.started:
+            return
+        call.started = True
+        lane = call.lane
+        if lane.queue_since is None:
+            return
+        cold = bool(snap.get("cold"))
+        if not cold:
+            self._warm_known_now()
+        self.emit({"type": "phase_end", "phase": "queue", "part": lane.name,
+                   "elapsed": round(self.now - lane.queue_since, 3), "detail": "cold start" if cold else "warm"})
+        lane.queue_since = None
+        load_s = snap.get("load_s")
+        if cold and isinstance(load_s, (int, float)):
+            # the container reports its model load when its first input starts
+            self.emit({"type": "phase_end", "phase": "load_model", "part": lane.name, "elapsed": load_s})
+            self.loaded.append(float(load_s))
+        if all(ln.queue_since is None for ln in self.lanes):
+            self._close_queue()
+
+    def _warm_known_now(self) -> None:
+        self.b._warm_known = True
+
+    def _close_queue(self) -> None:
+        if self.queue_since is None or any(ln.queue_since is not None for ln in self.lanes):
+            return
+        self.emit({"type": "phase_end", "phase": "queue", "elapsed": round(self.now - self.queue_since, 3)})
+        self.queue_since = None
+        if self.loaded:
+            self.emit({"type": "phase_end", "phase": "load_model", "elapsed": round(max(self.loaded), 3)})
+            self.loaded = []
+
+    def _heartbeat(self) -> None:
+        waiting = [c for c in self.calls.values() if not c.started]
+        if not waiting:
+            return
+        detail = "waiting for GPU" if self.b._warm_known else "cold start"
+        self.emit({"type": "heartbeat", "phase": "queue", "detail": detail, "waiting": len(waiting),
+                   "elapsed": round(self.now - min(c.spawned for c in waiting), 1)})
+
+    # -- following -------------------------------------------------------------
+
+    def _follow_channel(self) -> None:
+        try:
+            snapshots = self.channel.poll()
+        except ClipexportError as exc:  # progress is best effort; completion comes from `get`
+            logger.warning("progress channel unreadable: %s", exc)
+            return
+        for snap in snapshots:
+            name = snap.get("part")
+            if name in self.tasks:
+                self._on_snapshot(name, snap)
+
+    def _on_snapshot(self, name: str, snap: dict[str, Any]) -> None:
+        call = self.call_of.get(name)
+        attempt = snap.get("attempt") if isinstance(snap.get("attempt"), int) else 1
+        if call is not None and attempt >= call.attempt:
+            if attempt > call.attempt:  # the container restarted it: a later respawn goes higher
+                call.attempt = attempt
+                self.b.store.set_fact(self.b.job, f"call:{name}",
+                                      {"id": call.id, "attempt": attempt, "lane": call.lane.name})
+            self._call_started(call, snap)
+        self._show(name, snap, call.lane.name if call is not None else None)
+
+    def _show(self, name: str, snap: dict[str, Any], lane: str | None = None) -> None:
+        for event in self.views[name].apply(snap, lane):
+            self.emit(event)
+
+    def _check_calls(self) -> None:
+        now = self.now
+        for call in list(self.calls.values()):
+            states = {self.views[t.segment.name].state for t in call.tasks}
+            if now - call.checked < self.b.check_s and not states <= {"stored", "failed"}:
+                continue
+            call.checked = now
+            try:
+                result = self.b.client.get(call.id, timeout=0)
+            except TimeoutError:
+                continue  # still running
+            except (CallFailed, CallExpired) as exc:
+                self._lost(call, exc)
+                continue
+            self._completed(call, result)
+
+    def _release(self, call: _Call) -> None:
+        self.calls.pop(call.id, None)
+        call.lane.call = None
+        for task in call.tasks:
+            if self.call_of.get(task.segment.name) is call:
+                del self.call_of[task.segment.name]
+
+    def _completed(self, call: _Call, result: Any) -> None:
+        """The call returned: show what the channel missed; raise its error."""
+        self._follow_channel()  # the last snapshots, if written after the last poll
+        self._call_started(call, {})  # ends its lane's wait if no snapshot did
+        self._release(call)
+        result = result if isinstance(result, dict) else {}
+        done = {}
+        for seg in result.get("segments") or []:
+            if isinstance(seg, dict) and seg.get("part") in self.tasks:
+                done[seg["part"]] = seg
+        for task in call.tasks:
+            name = task.segment.name
+            seg = done.get(name)
+            if seg is not None and not self.views[name].finished:
+                attempt = max(int(seg.get("attempt") or call.attempt), self.views[name].attempt)
+                self._show(name, _finished_snapshot(task, attempt, size=seg.get("bytes"),
+                                                     elapsed=seg.get("elapsed"), skipped=bool(seg.get("skipped"))),
+                           call.lane.name)
+        if result.get("error"):
+            resumable = bool(result.get("resumable", True))
+            if not resumable:
+                self._cancel_all()
+            raise BackendError(str(result["error"]), resumable=resumable)
+        unfinished = [t for t in call.tasks if not self.views[t.segment.name].finished]
+        if unfinished:
+            self._lost(call, CallFailed(f"the call returned without {unfinished[0].segment.name}"), released=True)
+
+    def _lost(self, call: _Call, exc: BackendError, *, released: bool = False) -> None:
+        """A call failed or expired: what is stored is done, the rest runs again."""
+        if not released:
+            self._release(call)
+        for task in call.tasks:
+            name = task.segment.name
+            view = self.views[name]
+            if view.finished:
+                continue
+            found = self.b.storage.stat(task.key)
+            if found is not None:
+                self._show(name, _finished_snapshot(task, max(view.attempt, call.attempt), size=found.size,
+                                                    elapsed=None, skipped=False), call.lane.name)
+                continue
+            message = f"{name}: {view.error or exc}"
+            tries = self.respawns.get(name, 0)
+            if tries >= self.b.max_respawns:
+                raise BackendError(message, resumable=True)
+            self.respawns[name] = tries + 1
+            logger.warning("%s; running it again", message)
+            self.queued.appendleft((task, max(view.attempt, call.attempt) + 1))
+
+    def _cancel_all(self) -> None:
+        for call in list(self.calls.values()):
+            try:
+                self.b.client.cancel(call.id)
+            except BackendError:
+                continue
