@@ -1,0 +1,123 @@
+"""clipexport on Modal GPUs: `modal deploy modal_app.py` deploys the app `clipexport`.
+
+What it holds:
+
+- an image: slim Debian, Python 3.11, CUDA torch, PyAV (FFmpeg inside),
+  boto3, the `clipexport` package from this checkout, and the official
+  Real-ESRGAN weights downloaded at build time by the package's own download
+  code (pinned sha256, verified; the image build fails on a mismatch);
+- the class `Upscaler`, parameterized by model and scale: `@modal.enter`
+  loads the model once per container; `run` (a plain method, so it can be
+  spawned and re-attached) drives the same worker generator the local
+  backend runs (`clipexport.remote`); `warm_up` only starts a container.
+
+Set at deploy time (environment of `modal deploy`):
+
+    CLIPEXPORT_GPU          GPU types, first choice first: "L4,A10G,T4" (default);
+                            Modal takes the first it can get
+    CLIPEXPORT_TIMEOUT_S    time limit of one call (one segment), default 1800
+    CLIPEXPORT_SCALEDOWN_S  seconds an idle container stays warm, default 180
+    CLIPEXPORT_MODAL_SECRET the Modal Secret with the bucket credentials,
+                            default "clipexport-r2" (AWS_ACCESS_KEY_ID,
+                            AWS_SECRET_ACCESS_KEY, R2_ACCOUNT_ID)
+
+The client picks another GPU type per job with `--gpu` (Modal's
+`with_options`). Importing this file needs no token and no network.
+"""
+
+import os
+import time
+
+import modal
+
+APP_NAME = "clipexport"
+DEFAULT_GPUS = "L4,A10G,T4"
+CACHE_DIR = "/opt/clipexport/cache"
+
+
+def _gpus() -> list[str]:
+    gpus = [g.strip() for g in os.environ.get("CLIPEXPORT_GPU", DEFAULT_GPUS).split(",") if g.strip()]
+    return gpus or DEFAULT_GPUS.split(",")
+
+
+def _seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: expected a whole number of seconds") from None
+
+
+def fetch_weights() -> None:
+    """Image build step: every pinned model's official weights into the cache, sha256-checked."""
+    from clipexport.upscale.registry import MODELS
+    from clipexport.upscale.weights import cached_official, download
+
+    for spec in MODELS.values():
+        if spec.sha256 and cached_official(spec) is None:
+            path = download(spec)
+            print(f"{spec.name}: {path} ({path.stat().st_size} bytes, sha256 {spec.sha256[:12]}...)")
+
+
+image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install("torch==2.13.0", "av>=12", "numpy>=1.26", "platformdirs>=4", "boto3>=1.36", "safetensors>=0.4")
+    .env(
+        {
+            "CLIPEXPORT_CACHE_DIR": CACHE_DIR,
+            # the weights are in the image; never fall back to anything unverified
+            "CLIPEXPORT_WEIGHTS_SOURCE": "download",
+            "CLIPEXPORT_WORK_DIR": "/tmp/clipexport",
+        }
+    )
+    .add_local_python_source("clipexport", copy=True)
+    .run_function(fetch_weights)
+)
+
+app = modal.App(APP_NAME)
+
+
+@app.cls(
+    image=image,
+    gpu=_gpus(),
+    timeout=_seconds("CLIPEXPORT_TIMEOUT_S", 1800),
+    scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 180),
+    secrets=[modal.Secret.from_name(os.environ.get("CLIPEXPORT_MODAL_SECRET", "clipexport-r2"))],
+    # Crashes are retried; a preempted container is restarted on the same input
+    # anyway. Either way the body redoes only a segment that is not stored yet.
+    retries=modal.Retries(max_retries=2, initial_delay=2.0, backoff_coefficient=2.0),
+)
+class Upscaler:
+    model: str = modal.parameter(default="realesr-animevideov3")
+    scale: int = modal.parameter(default=4)
+
+    @modal.enter()
+    def load(self) -> None:
+        from clipexport.remote import Container
+        from clipexport.upscale import load_upscaler
+
+        started = time.monotonic()
+        self.upscaler = load_upscaler(self.model, scale=self.scale, device=os.environ.get("CLIPEXPORT_DEVICE", "auto"))
+        self.container = Container.loaded(time.monotonic() - started)
+        print(f"loaded {self.upscaler!r} in {self.container.load_s} s", flush=True)
+
+    @modal.method()
+    def run(self, task_dicts: list, storage_url: str, endpoint_url: str = None) -> dict:  # noqa: RUF013
+        """Upscale the segments `task_dicts` (see `clipexport.remote`); spawned, never streamed."""
+        from clipexport.remote import run_remote
+
+        result = run_remote(task_dicts, storage_url, endpoint_url, self.upscaler, self.container)
+        for seg in result["segments"]:
+            how = "already stored" if seg["skipped"] else f"{seg['frames']} frames in {seg['elapsed']} s"
+            print(f"{seg['part']} attempt {seg['attempt']}: {seg['key']} {how}", flush=True)
+        if result.get("error"):
+            print(f"error: {result['error']} (resumable: {result.get('resumable')})", flush=True)
+        return result
+
+    @modal.method()
+    def warm_up(self) -> dict:
+        """Nothing but a started container with its model loaded (sent while inputs upload)."""
+        cold, load_s = self.container.take_cold()
+        return {"container": self.container.id, "cold": cold, "load_s": load_s}
