@@ -514,7 +514,13 @@ def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=os.environ.get("CLIPEXPORT_LOG_LEVEL", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(message)s")
-    app()
+    try:
+        app()
+    except Exception as exc:  # a bug: still one line, the traceback only on request
+        if os.environ.get("CLIPEXPORT_DEBUG"):
+            raise
+        _say(f"internal error: {type(exc).__name__}: {exc} (CLIPEXPORT_DEBUG=1 shows the traceback)")
+        sys.exit(1)
 
 
 @app.command()

@@ -398,9 +398,9 @@ def _cancel_remote(store: JobStore, record: JobRecord) -> None:
 
         open_storage(spec.storage, endpoint_url=spec.endpoint_url).abort_uploads(store.transfer_state(record.id))
     if spec.backend == "modal":
-        from clipexport.backends.modal import cancel_calls
+        from clipexport.backends.modal import RealModalClient, cancel_calls
 
-        cancel_calls(store, record.id)
+        cancel_calls(RealModalClient(), store, record.id)
 
 
 def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> None:
