@@ -299,8 +299,9 @@ class Job:
     clip: Path
 
 
-def make_job(tmp_path: Path, *, frames: int = 30, segment_frames: int = 10, parallel: int = 2) -> Job:
-    """A 64x36 clip cut into segments, uploaded to a file:// store, tasks ready."""
+def make_job(tmp_path: Path, *, frames: int = 30, segment_frames: int = 10, parallel: int = 2,
+             storage: Any = None) -> Job:
+    """A 64x36 clip cut into segments, uploaded (to a file:// store by default), tasks ready."""
     from clipexport.jobs import JobSpec, JobStore
     from clipexport.media import plan_clips, plan_segments, probe
     from clipexport.storage import content_key, hash_file, open_storage
@@ -308,7 +309,7 @@ def make_job(tmp_path: Path, *, frames: int = 30, segment_frames: int = 10, para
     from tests.clips import make_clip
 
     clip = make_clip(tmp_path / "in.mp4", frames=frames, width=64, height=36, fps=24)
-    storage = open_storage((tmp_path / "bucket").as_uri())
+    storage = storage or open_storage((tmp_path / "bucket").as_uri())
     sha = hash_file(clip)
     input_key = content_key(sha, ".mp4")
     storage.put_file(input_key, clip)

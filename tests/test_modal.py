@@ -26,6 +26,7 @@ from clipexport.remote import channel_prefix, task_from_dict, task_to_dict
 from clipexport.storage import content_key
 from tests.clips import read_index
 from tests.fake_modal import MODEL, SCALE, FakeModal, make_job
+from tests.s3server import seaweed  # noqa: F401 - a fixture
 
 DEADLINE_S = 60
 
@@ -175,6 +176,23 @@ def test_whole_flow(tmp_path):
         assert info is not None and info.size == e["bytes"]
 
 
+def test_whole_flow_on_a_real_s3_server(tmp_path, seaweed, monkeypatch):  # noqa: F811
+    """As on Modal: the container reopens the store from its URL, credentials from its environment."""
+    for name, value in seaweed.env().items():
+        monkeypatch.setenv(name, value)
+    from clipexport.storage import open_storage
+
+    storage = open_storage(f"s3://{seaweed.bucket}/modal-{tmp_path.name}", endpoint_url=seaweed.endpoint_url)
+    job = make_job(tmp_path, frames=20, segment_frames=10, storage=storage)
+    svc = FakeModal(tmp_path / "fake")
+    rec = Recorder(job.id)
+    backend(job, svc.client()).run(job.tasks, rec, threading.Event())
+    assert {c.endpoint_url for c in svc.calls.values()} == {seaweed.endpoint_url}
+    check_outputs(job, tmp_path)
+    check_events(rec.events, [t.segment.name for t in job.tasks])
+    ends_once(rec.events)
+
+
 def test_segments_already_stored_are_not_spawned(tmp_path):
     job = make_job(tmp_path)
     svc = FakeModal(tmp_path / "fake")
@@ -228,6 +246,28 @@ def test_client_dies_then_resume_reattaches(tmp_path, how):
     assert svc.starts() == Counter(parts)  # no segment computed twice
     check_outputs(job, tmp_path)
     check_events(rec1.events + rec2.events, parts)
+
+
+def test_resume_while_calls_wait_keeps_their_lanes_and_their_wait(tmp_path):
+    job = make_job(tmp_path, frames=20, segment_frames=10)
+    gate = threading.Event()  # no container yet
+    svc = FakeModal(tmp_path / "fake", gate=gate)
+    thread, raised = start(backend(job, svc.client()), job.tasks, Recorder(job.id, kill_after=3), threading.Event())
+    thread.join(DEADLINE_S)
+    assert isinstance(raised[0], Killed)
+    time.sleep(0.4)  # the client is dead; the calls wait on
+
+    client = svc.client()
+    rec = Recorder(job.id)
+    threading.Timer(0.4, gate.set).start()
+    backend(job, client).run(job.tasks, rec, threading.Event())
+    assert client.spawned == []
+    ends = {e["part"]: e["elapsed"] for e in rec.of("phase_end", "queue") if "part" in e}
+    assert sorted(ends) == ["ctr-01", "ctr-02"]  # the lanes recorded, no new ones
+    assert min(ends.values()) >= 0.8  # the whole wait, the dead client's part included
+    workers = {e["worker"] for e in rec.of("phase_start", "upscale")}
+    assert workers == {"ctr-01", "ctr-02"}
+    assert svc.starts() == Counter({"seg-0001": 1, "seg-0002": 1})
 
 
 def test_abandoned_calls_finish_without_any_client(tmp_path):

@@ -240,9 +240,10 @@ class _Call:
     tasks: list[SegmentTask]
     attempt: int
     lane: _Lane
-    spawned: float
+    spawned: float  # on the backend's clock
     started: bool = False
     checked: float = -math.inf
+    waited: float = 0.0  # seconds it had been waiting when this run attached to it
 
 
 @dataclass
@@ -419,6 +420,10 @@ class _Run:
 
     def run(self) -> None:
         self._reattach()
+        self._follow_channel()
+        for call in self.calls.values():  # re-attached and still waiting: the wait goes on
+            if not call.started:
+                self._open_queue(call.lane, waited=call.waited)
         while True:
             if self.stop.is_set():
                 self._stopped()
@@ -454,7 +459,10 @@ class _Run:
         for call_id, names in by_id.items():
             first = recorded[names[0]]
             lane = self._lane(first.get("lane"))
-            call = _Call(call_id, [self.tasks[n] for n in names], int(first.get("attempt") or 1), lane, self.now)
+            spawned_t = first.get("t")
+            waited = max(0.0, time.time() - spawned_t) if isinstance(spawned_t, (int, float)) else 0.0
+            call = _Call(call_id, [self.tasks[n] for n in names], int(first.get("attempt") or 1), lane,
+                         self.now - waited, waited=waited)
             self._attach(call)
         for name, task in self.tasks.items():
             if name in self.call_of:
@@ -470,10 +478,14 @@ class _Run:
         self._lane_count = int(self.b.store.fact(self.b.job, "modal:lanes") or 0)
 
     def _lane(self, name: str | None = None) -> _Lane:
-        """The lane `name` if it is free, else a new one (numbered across runs)."""
+        """The lane `name` (a recorded one) if it is free, else a new one (numbered across runs)."""
         for lane in self.lanes:
             if lane.name == name and lane.call is None:
                 return lane
+        if name and all(lane.name != name for lane in self.lanes):
+            lane = _Lane(name)
+            self.lanes.append(lane)
+            return lane
         self._lane_count += 1
         self.b.store.set_fact(self.b.job, "modal:lanes", self._lane_count)
         lane = _Lane(f"ctr-{self._lane_count:02d}")
@@ -499,20 +511,22 @@ class _Run:
         dicts = [task_to_dict(dataclasses.replace(t, attempt=attempt)) for t in tasks]
         b = self.b
         call_id = b.client.spawn(dicts, b.storage.url, b.endpoint_url, model=b.model, scale=b.scale, gpu=b.gpu)
+        record = {"id": call_id, "attempt": attempt, "lane": lane.name, "t": round(time.time(), 3)}
         for task in tasks:  # durable before anything is shown
-            b.store.set_fact(b.job, f"call:{task.segment.name}", {"id": call_id, "attempt": attempt, "lane": lane.name})
+            b.store.set_fact(b.job, f"call:{task.segment.name}", record)
         call = _Call(call_id, tasks, attempt, lane, self.now)
         self._attach(call)
         self._open_queue(lane)
 
     # -- the queue phase -------------------------------------------------------
 
-    def _open_queue(self, lane: _Lane) -> None:
+    def _open_queue(self, lane: _Lane, *, waited: float = 0.0) -> None:
+        """The lane's first call waits for its container; `waited`: since before this run."""
         if lane.used:
             return
-        lane.used, lane.queue_since = True, self.now
+        lane.used, lane.queue_since = True, self.now - waited
         if self.queue_since is None:
-            self.queue_since = self.now
+            self.queue_since = lane.queue_since
             self.emit({"type": "phase_start", "phase": "queue"})
         self.emit({"type": "phase_start", "phase": "queue", "part": lane.name})
 
@@ -576,8 +590,8 @@ class _Run:
         if call is not None and attempt >= call.attempt:
             if attempt > call.attempt:  # the container restarted it: a later respawn goes higher
                 call.attempt = attempt
-                self.b.store.set_fact(self.b.job, f"call:{name}",
-                                      {"id": call.id, "attempt": attempt, "lane": call.lane.name})
+                record = self.b.store.fact(self.b.job, f"call:{name}") or {"id": call.id, "lane": call.lane.name}
+                self.b.store.set_fact(self.b.job, f"call:{name}", {**record, "attempt": attempt})
             self._call_started(call, snap)
         self._show(name, snap, call.lane.name if call is not None else None)
 
