@@ -13,16 +13,17 @@ What it holds:
 
 Set at deploy time (environment of `modal deploy`):
 
-    CLIPEXPORT_GPU          GPU types, first choice first: "L4,A10G,T4" (default);
+    CLIPEXPORT_MODAL_GPUS   GPU types, first choice first: "L4,A10G,T4" (default);
                             Modal takes the first it can get
     CLIPEXPORT_TIMEOUT_S    time limit of one call (one segment), default 1800
-    CLIPEXPORT_SCALEDOWN_S  seconds an idle container stays warm, default 180
+    CLIPEXPORT_SCALEDOWN_S  seconds an idle container stays warm (and billed), default 120
     CLIPEXPORT_MODAL_SECRET the Modal Secret with the bucket credentials,
                             default "clipexport-r2" (AWS_ACCESS_KEY_ID,
                             AWS_SECRET_ACCESS_KEY, R2_ACCOUNT_ID)
 
-The client picks another GPU type per job with `--gpu` (Modal's
-`with_options`). Importing this file needs no token and no network.
+The client may pin one GPU type per job with `--gpu` (Modal's `with_options`;
+`CLIPEXPORT_GPU` is that client setting, which is why the deploy-time list has
+its own name). Importing this file needs no token and no network.
 """
 
 import os
@@ -36,7 +37,7 @@ CACHE_DIR = "/opt/clipexport/cache"
 
 
 def _gpus() -> list[str]:
-    gpus = [g.strip() for g in os.environ.get("CLIPEXPORT_GPU", DEFAULT_GPUS).split(",") if g.strip()]
+    gpus = [g.strip() for g in os.environ.get("CLIPEXPORT_MODAL_GPUS", DEFAULT_GPUS).split(",") if g.strip()]
     return gpus or DEFAULT_GPUS.split(",")
 
 
@@ -61,6 +62,13 @@ def fetch_weights() -> None:
             print(f"{spec.name}: {path} ({path.stat().st_size} bytes, sha256 {spec.sha256[:12]}...)")
 
 
+def _gpu_name() -> str | None:
+    """The GPU this container got (with a fallback list, the client cannot know it)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.13.0", "av>=12", "numpy>=1.26", "platformdirs>=4", "boto3>=1.36", "safetensors>=0.4")
@@ -83,7 +91,7 @@ app = modal.App(APP_NAME)
     image=image,
     gpu=_gpus(),
     timeout=_seconds("CLIPEXPORT_TIMEOUT_S", 1800),
-    scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 180),
+    scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 120),
     secrets=[modal.Secret.from_name(os.environ.get("CLIPEXPORT_MODAL_SECRET", "clipexport-r2"))],
     # Crashes are retried; a preempted container is restarted on the same input
     # anyway. Either way the body redoes only a segment that is not stored yet.
@@ -100,8 +108,8 @@ class Upscaler:
 
         started = time.monotonic()
         self.upscaler = load_upscaler(self.model, scale=self.scale, device=os.environ.get("CLIPEXPORT_DEVICE", "auto"))
-        self.container = Container.loaded(time.monotonic() - started)
-        print(f"loaded {self.upscaler!r} in {self.container.load_s} s", flush=True)
+        self.container = Container.loaded(time.monotonic() - started, gpu=_gpu_name())
+        print(f"loaded {self.upscaler!r} on {self.container.gpu} in {self.container.load_s} s", flush=True)
 
     @modal.method()
     def run(self, task_dicts: list, storage_url: str, endpoint_url: str = None) -> dict:  # noqa: RUF013
@@ -120,4 +128,4 @@ class Upscaler:
     def warm_up(self) -> dict:
         """Nothing but a started container with its model loaded (sent while inputs upload)."""
         cold, load_s = self.container.take_cold()
-        return {"container": self.container.id, "cold": cold, "load_s": load_s}
+        return {"container": self.container.id, "cold": cold, "load_s": load_s, "gpu": self.container.gpu}

@@ -99,6 +99,8 @@ class _Guard:
 class FakeModal:
     """The service side: calls, containers, the model, a log."""
 
+    GPU = "FAKE GPU"  # what its containers report as their device
+
     def __init__(
         self,
         root: Path,
@@ -200,7 +202,7 @@ class FakeModal:
         started = time.monotonic()
         self._upscaler(call.model, call.scale)
         name = f"ta-fake{next(self._containers):03d}"
-        info = remote.Container.loaded(time.monotonic() - started, id=name)
+        info = remote.Container.loaded(time.monotonic() - started, id=name, gpu=self.GPU)
         return FakeContainer(name, info, self.root / name)
 
     def _upscaler(self, model: str, scale: int) -> Any:

@@ -171,6 +171,7 @@ def test_whole_flow(tmp_path):
     # segments carry their lane as worker; ends carry the stored key and its size
     for e in rec.of("phase_start", "upscale"):
         assert e["worker"] in lanes
+        assert e["gpu"] == FakeModal.GPU and e["container"].startswith("ta-fake")
     for e in rec.of("phase_end", "encode"):
         info = job.storage.stat(e["key"])
         assert info is not None and info.size == e["bytes"]

@@ -22,6 +22,7 @@ from clipexport.backends.modal import (
     NOT_DEPLOYED,
     CallExpired,
     CallFailed,
+    check_gpu,
     check_storage,
     translate_error,
 )
@@ -64,7 +65,8 @@ def test_modal_app_imports_without_a_token(tmp_path):
 
 def test_modal_app_gpu_fallbacks_from_the_environment(tmp_path):
     env = no_token_env(tmp_path / "home")
-    env["CLIPEXPORT_GPU"] = "A100, L4"
+    env["CLIPEXPORT_MODAL_GPUS"] = "A100, L4"
+    env["CLIPEXPORT_GPU"] = "T4"  # the client's one-type setting does not change the deployment
     proc, _ = run_python("import modal_app; print(modal_app._gpus())", env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "['A100', 'L4']"
@@ -165,6 +167,15 @@ def test_modal_errors_are_translated(exc, deploying, kind, resumable, says):
 
 def test_not_deployed_message_names_the_command():
     assert NOT_DEPLOYED == "app clipexport is not deployed: run `modal deploy modal_app.py`"
+
+
+def test_gpu_is_one_type():
+    check_gpu(None)
+    check_gpu("A100-80GB")
+    check_gpu("H100:2")
+    for bad in ("L4,A10G", "", "L4 A10G"):
+        with pytest.raises(UsageError, match="one GPU type"):
+            check_gpu(bad)
 
 
 def test_modal_needs_a_bucket_not_a_directory():

@@ -20,7 +20,8 @@ sees the restart as the contract says. Nothing here imports Modal.
 The channel snapshot of a segment (one object per part)::
 
     {"part": "seg-0002", "attempt": 1, "state": "running",   # running | stored | failed
-     "container": "ta-01H...", "cold": true, "load_s": 4.2,  # cold/load_s: first input after enter
+     "container": "ta-01H...", "gpu": "NVIDIA L4",           # where it runs
+     "cold": true, "load_s": 4.2,                            # the first input after the model load
      "key": "segments/....mp4", "skipped": false,
      "phases": {"upscale": {"done": 120, "total": 240, "ended": false, "elapsed": null},
                 "encode":  {"done": 120, "total": 240, "ended": false, "elapsed": null, "bytes": null}},
@@ -107,12 +108,13 @@ class Container:
     id: str
     cold: bool = False
     load_s: float | None = None
+    gpu: str | None = None  # the device's name, e.g. "NVIDIA L4"
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def loaded(cls, load_s: float, id: str | None = None) -> Container:
+    def loaded(cls, load_s: float, id: str | None = None, gpu: str | None = None) -> Container:
         """A container whose model just loaded in `load_s` seconds."""
-        return cls(id=id or container_id(), cold=True, load_s=round(load_s, 3))
+        return cls(id=id or container_id(), cold=True, load_s=round(load_s, 3), gpu=gpu)
 
     def take_cold(self) -> tuple[bool, float | None]:
         """(cold, load_s) for the next input; only the first one is cold."""
@@ -241,6 +243,7 @@ class _SegmentRun:
             "attempt": self.attempt,
             "state": "running",
             "container": container.id,
+            "gpu": container.gpu,
             "cold": cold,
             "load_s": load_s,
             "key": task.key,

@@ -142,6 +142,7 @@ class RealModalClient:
         key = (model, scale, gpu)
         obj = self._classes.get(key)
         if obj is None:
+            check_gpu(gpu)
             cls = self._modal.Cls.from_name(self._app_name, CLASS_NAME, environment_name=self._environment)
             if gpu:
                 cls = cls.with_options(gpu=gpu)
@@ -210,13 +211,23 @@ def _one_line(text: str) -> str:
     return line[:300]
 
 
-def preflight(storage_url: str | None, *, weights: str | None = None) -> RealModalClient:
+def preflight(storage_url: str | None, *, weights: str | None = None, gpu: str | None = None) -> RealModalClient:
     """Everything that can be checked before a job exists, fastest first."""
     client = RealModalClient()
     check_storage(storage_url)
     if weights is not None:
         raise UsageError("--weights is not supported with --backend modal (the image carries the official weights)")
+    check_gpu(gpu)
     return client
+
+
+def check_gpu(gpu: str | None) -> None:
+    """`--gpu` names one GPU type (a fallback list is set when deploying)."""
+    if gpu is not None and (not gpu.strip() or "," in gpu or any(c.isspace() for c in gpu)):
+        raise UsageError(
+            f"--gpu takes one GPU type such as L4, A10G, A100 or H100, not {gpu!r} "
+            "(a fallback list is set at deploy time: CLIPEXPORT_MODAL_GPUS)"
+        )
 
 
 def cancel_calls(client: ModalClient, store: JobStore, job_id: str) -> int:
@@ -292,8 +303,9 @@ class _PartView:
                 start = {"type": "phase_start", **common}
                 if lane:
                     start["worker"] = lane
-                if snap.get("container"):
-                    start["container"] = snap["container"]
+                for extra_field in ("container", "gpu"):
+                    if snap.get(extra_field):
+                        start[extra_field] = snap[extra_field]
                 out.append(start)
                 self.started.add(phase)
             done = int(p.get("done") or 0)
