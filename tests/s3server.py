@@ -305,7 +305,7 @@ class SeaweedServer:
         self.stop()
         raise RuntimeError(f"weed mini not ready after {self.startup_timeout} s ({last!r}):\n{self.log_tail()}")
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); data stays for a restart."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
@@ -331,7 +331,8 @@ class SeaweedServer:
         self.start()
 
     def close(self) -> None:
-        self.stop()
+        """Stop for good, at once (a graceful stop can wait seconds on open streams)."""
+        self.kill()
         if self._own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

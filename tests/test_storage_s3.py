@@ -28,11 +28,11 @@ from clipexport.errors import (
     StorageUnreachableError,
 )
 from clipexport.storage import JsonFileTransferState, MemoryTransferState, hash_file
-from clipexport.storage.base import sidecar
+from clipexport.storage.download import sidecar
 from clipexport.storage.config import S3Settings
 from clipexport.storage.s3 import S3Storage
 from tests.s3server import SECRET_KEY, SeaweedServer, seaweed, seaweed_tls  # noqa: F401 - fixtures
-from tests.test_storage import Stop, data, unthrottled, write  # noqa: F401 - fixture
+from tests.test_storage import Stop, data, noted_bytes, unthrottled, write  # noqa: F401 - fixture
 
 MiB = 1 << 20
 PART = 5 * MiB
@@ -262,12 +262,22 @@ def test_killed_download_resumes_with_a_ranged_get(seaweed, tmp_path, unthrottle
         if done >= 3 * MiB:
             raise Stop()
 
-    with pytest.raises(Stop):
-        store.get_file("seg.mp4", out, progress=stop)
-    have = sidecar(out)[0].stat().st_size
+    with pytest.raises(Stop):  # one chunk at a time, killed inside the first
+        store_on(seaweed, prefix=store.prefix.rstrip("/"), max_concurrency=1).get_file("seg.mp4", out, progress=stop)
+    note = json.loads(sidecar(out)[1].read_text())
+    assert note["chunk"] == PART and note["etag"]
+    expected = set()
+    for index in range(3):  # 5 + 5 + 4 MiB chunks, each resumed where it got to
+        start, end = index * PART, min(len(content), (index + 1) * PART)
+        if index not in note["done"] and note["have"].get(str(index), 0) < end - start:
+            expected.add(f"bytes={start + note['have'].get(str(index), 0)}-{end - 1}")
+    assert len(expected) == 3 and not any(r.startswith("bytes=0-") for r in expected)  # chunk 0 resumes mid-way
+    kept = noted_bytes(out)
     calls = Calls(store)
-    store.get_file("seg.mp4", out)
-    assert calls.ranges == [f"bytes={have}-"]
+    progress: list[int] = []
+    store.get_file("seg.mp4", out, progress=progress.append)
+    assert set(calls.ranges) == expected and len(calls.ranges) == len(expected)
+    assert progress[0] == kept >= 3 * MiB  # resumed from what the note kept
     assert out.read_bytes() == content
 
 
@@ -286,7 +296,7 @@ def test_download_survives_a_server_restart(seaweed, tmp_path, unthrottled):
 
     store.get_file("seg.mp4", out, progress=progress)
     assert restarted
-    assert len(calls.ranges) >= 2 and calls.ranges[0] == "bytes=0-"
+    assert len(calls.ranges) > 3  # three chunks, and at least one resumed after the outage
     assert out.read_bytes() == content
 
 
@@ -468,8 +478,25 @@ def test_put_bytes_and_list_over_tls(seaweed_tls):
     assert store.delete_prefix("a/") == 1
 
 
-def test_upload_refuses_a_file_that_changed_meanwhile(seaweed, tmp_path):
+def test_upload_refuses_a_stale_hash(seaweed, tmp_path):
     src = write(tmp_path / "f.bin", data(2 * MiB))
     store = store_on(seaweed)
     with pytest.raises(StorageError, match="sha256"):
         store.put_file("f.bin", src, sha256="0" * 64)  # the hash the caller computed is stale
+    assert store.stat("f.bin") is None
+
+
+def test_upload_refuses_a_file_that_changed_meanwhile(seaweed, tmp_path):
+    src = write(tmp_path / "f.bin", data(12 * MiB))
+    store = store_on(seaweed, max_concurrency=1)
+    state = MemoryTransferState()
+
+    def touch(**_):
+        os.utime(src, ns=(1, 1))  # edited while its parts go out
+
+    store.client.meta.events.register("after-call.s3.UploadPart", touch)
+    with pytest.raises(StorageError, match="changed while being uploaded"):
+        store.put_file("f.bin", src, state=state)
+    assert store.stat("f.bin") is None
+    assert state.keys() == []  # the upload was aborted and forgotten
+    assert seaweed.client().list_multipart_uploads(Bucket=seaweed.bucket, Prefix=store.prefix).get("Uploads", []) == []

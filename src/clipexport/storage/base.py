@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol, runtime_checkable
 
-from clipexport.errors import PreconditionFailedError, StorageError, StorageNotFoundError, UsageError
+from clipexport.errors import StorageError, UsageError
 
 Progress = Callable[[int], None]
 
@@ -258,6 +258,9 @@ class HighWater:
         if size > self._high[index]:
             self._high[index] = size
 
+    def __getitem__(self, index: int) -> int:
+        return self._high[index]
+
     @property
     def total(self) -> int:
         return self.base + sum(self._high)
@@ -313,12 +316,8 @@ def hash_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
-# -- downloads, shared by both stores ---------------------------------------
+# -- retries -------------------------------------------------------------------
 
-
-#: `open_range(offset, etag)` yields an object's bytes from `offset` to its
-#: end, or raises `PreconditionFailedError` when its etag is no longer `etag`.
-OpenRange = Callable[[int, "str | None"], Iterator[bytes]]
 
 logger = logging.getLogger("clipexport.storage")
 
@@ -342,124 +341,6 @@ class Retry:
             yield delay
 
 
-def sidecar(path: Path) -> tuple[Path, Path]:
-    """`<path>.part` (the bytes so far) and `<path>.part.json` (whose they are)."""
-    return path.with_name(path.name + ".part"), path.with_name(path.name + ".part.json")
-
-
-def _resume_offset(path: Path, info: ObjectInfo) -> int:
-    """How many bytes of `<path>.part` belong to `info`; drop them if none.
-
-    The partial counts only if its note names the same object (key, etag,
-    size); otherwise it is removed and the download starts from zero.
-    """
-    part, note = sidecar(path)
-    wanted = {"key": info.key, "etag": info.etag, "size": info.size}
-    try:
-        noted = json.loads(note.read_text())
-        have = part.stat().st_size
-    except (OSError, ValueError):
-        noted, have = None, 0
-    if noted == wanted and have <= info.size:
-        return have
-    part.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    note.write_text(json.dumps(wanted))
-    return 0
-
-
-def discard_partial(path: Path) -> None:
-    for p in sidecar(path):
-        p.unlink(missing_ok=True)
-
-
-def fetch(
-    path: Path,
-    stat: Callable[[], ObjectInfo | None],
-    open_range: OpenRange,
-    *,
-    sha256: str | None,
-    progress: Progress | None,
-    transient: tuple[type[BaseException], ...] = (),
-    retry: Retry = Retry(),
-    label: str,
-) -> ObjectInfo:
-    """Download an object into `path`, resuming `<path>.part`; both stores use it.
-
-    Bytes go to `<path>.part`, noted in `<path>.part.json` with the object's
-    etag and size; a rerun continues from the partial, asking for the rest
-    only if the etag still matches. If the object changed (412), the partial
-    is dropped and the download starts over once. A stream cut short by an
-    exception in `transient` is resumed where it stopped, within `retry`.
-    Size and sha256 (the one given, else the stored one) are checked before
-    the partial is renamed onto `path`. Progress: bytes in the partial,
-    never decreasing, even across a restart.
-    """
-    report = Reporter(progress)
-    for restart in (False, True):
-        info = stat()
-        if info is None:
-            raise StorageNotFoundError(f"{label}: no such object")
-        if sha256 and info.sha256 and info.sha256 != sha256:
-            raise StorageError(f"{label}: stored sha256 {info.sha256} is not the expected {sha256}")
-        try:
-            _download(path, info, open_range, sha256 or info.sha256, report, transient, retry, label)
-            return info
-        except PreconditionFailedError:
-            discard_partial(path)
-            if restart:
-                raise
-            logger.warning("%s changed since its download began; starting it over", label)
-    raise AssertionError("unreachable")
-
-
-def _download(
-    path: Path,
-    info: ObjectInfo,
-    open_range: OpenRange,
-    sha256: str | None,
-    report: Reporter,
-    transient: tuple[type[BaseException], ...],
-    retry: Retry,
-    label: str,
-) -> None:
-    part, note = sidecar(path)
-    offset = _resume_offset(path, info)
-    digest = hashlib.sha256()
-    if offset and sha256:
-        with open(part, "rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-    report.flush(offset)
-    delays = retry.delays()
-    with open(part, "ab") as out:
-        while offset < info.size:
-            try:
-                for chunk in open_range(offset, info.etag):
-                    out.write(chunk)
-                    if sha256:
-                        digest.update(chunk)
-                    offset += len(chunk)
-                    report(offset)
-                break
-            except transient as exc:
-                delay = next(delays, None)
-                if delay is None:
-                    raise
-                logger.info("%s: stream cut at byte %d (%s); resuming", label, offset, type(exc).__name__)
-                time.sleep(delay)
-        out.flush()
-        os.fsync(out.fileno())
-    if offset != info.size or (sha256 and digest.hexdigest() != sha256):
-        discard_partial(path)
-        got = f"{offset} bytes" if offset != info.size else f"sha256 {digest.hexdigest()}"
-        want = f"{info.size} bytes" if offset != info.size else f"sha256 {sha256}"
-        raise StorageError(f"{label}: downloaded {got}, expected {want}")
-    os.replace(part, path)
-    note.unlink(missing_ok=True)
-    report.flush(offset)
-
-
 __all__ = [
     "CHUNK",
     "CountingReader",
@@ -474,7 +355,5 @@ __all__ = [
     "TransferState",
     "check_key",
     "content_key",
-    "discard_partial",
-    "fetch",
     "hash_file",
 ]

@@ -33,9 +33,9 @@ from clipexport.storage.base import (
     Reporter,
     TransferState,
     check_key,
-    fetch,
     hash_file,
 )
+from clipexport.storage.download import fetch
 
 RESERVED = ".clipexport"
 
@@ -108,12 +108,13 @@ class LocalStorage:
     ) -> ObjectInfo:
         source = self._path(key)
 
-        def open_range(offset: int, etag: str | None) -> Iterator[bytes]:
+        def open_range(start: int, end: int, etag: str | None) -> Iterator[bytes]:
             with open(source, "rb") as f:
                 if self._info(key, os.fstat(f.fileno())).etag != etag:
                     raise PreconditionFailedError(f"{self.url}/{key}: changed since its download began")
-                f.seek(offset)
-                while chunk := f.read(CHUNK):
+                f.seek(start)
+                while start < end and (chunk := f.read(min(CHUNK, end - start))):
+                    start += len(chunk)
                     yield chunk
 
         try:

@@ -56,9 +56,9 @@ from clipexport.storage.base import (
     Retry,
     TransferState,
     check_key,
-    fetch,
     hash_file,
 )
+from clipexport.storage.download import fetch
 from clipexport.storage.config import S3Settings
 
 logger = logging.getLogger("clipexport.storage")
@@ -69,7 +69,7 @@ MAX_PART = 5 * 1024 * MiB
 MAX_PARTS = 10_000
 DEFAULT_PART = 8 * MiB
 DEFAULT_THRESHOLD = 8 * MiB
-DEFAULT_CONCURRENCY = 8
+DEFAULT_CONCURRENCY = 10  # as s3transfer
 DOWNLOAD_CHUNK = 1 * MiB
 META_SHA256 = "sha256"  # sent as x-amz-meta-sha256
 
@@ -129,6 +129,15 @@ def _plain_etag(etag: str | None) -> str:
 
 def _is_md5(etag: str) -> bool:
     return len(etag) == 32 and all(c in "0123456789abcdef" for c in etag)
+
+
+def _changed(path: Path, before: os.stat_result) -> bool:
+    """Whether `path` is no longer the file `before` described (size, mtime)."""
+    try:
+        now = path.stat()
+    except OSError:
+        return True
+    return (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
 
 
 def _code(exc: ClientError) -> str:
@@ -379,11 +388,11 @@ class S3Storage:
         """Download `key` to `path` by ranged GETs pinned to its etag (`IfMatch`)."""
         full = self._full(key)
 
-        def open_range(offset: int, etag: str | None) -> Iterator[bytes]:
+        def open_range(start: int, end: int, etag: str | None) -> Iterator[bytes]:
             extra = {"IfMatch": etag} if etag else {}
             try:
                 response = self.client.get_object(
-                    Bucket=self.bucket, Key=full, Range=f"bytes={offset}-", **extra
+                    Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}", **extra
                 )
             except ClientError as exc:
                 if self._transient(exc):
@@ -405,6 +414,8 @@ class S3Storage:
                 transient=(*_NETWORK_ERRORS, _Transient),
                 retry=self.part_retry,
                 label=self._where(key),
+                chunk_size=self.part_size,
+                concurrency=self.max_concurrency,
             )
         except _Transient as exc:
             raise self._translate(exc.__cause__ or exc, "download", key) from exc
@@ -443,12 +454,10 @@ class S3Storage:
         if size < self.multipart_threshold:
             self._put_single(key, path, size, sha, report)
         else:
-            _Multipart(self, key, path, size, sha, report, state, skey).run()
-        try:
-            after = path.stat()
-        except OSError:
-            after = None
-        if after is None or (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            _Multipart(self, key, path, size, sha, report, state, skey, before).run()
+        if _changed(path, before):
+            # Too late to stop it: do not leave other bytes under this content's name.
+            self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
             raise StorageError(f"{path}: changed while being uploaded to {self._where(key)}; run again")
         stored = self.stat(key)
         if stored is None or stored.size != size or stored.sha256 != sha:
@@ -515,8 +524,10 @@ class _Multipart:
         report: Reporter,
         state: TransferState,
         skey: str,
+        before: os.stat_result,
     ) -> None:
         self.s, self.key, self.path, self.size, self.sha = store, key, path, size, sha
+        self.before = before
         self.full = store._full(key)
         self.report, self.state, self.skey = report, state, skey
         self.client = store.client
@@ -538,6 +549,9 @@ class _Multipart:
         if missing:
             logger.info("%s: %d of %d parts to send", self.s._where(self.key), len(missing), count)
             self._send(record, missing, part_size, progress)
+        if _changed(self.path, self.before):
+            self.s._forget(self.state, self.skey)
+            raise StorageError(f"{self.path}: changed while being uploaded to {self.s._where(self.key)}; run again")
         self._complete(record, count, part_size)
         self.state.clear(self.skey)
 

@@ -1,0 +1,323 @@
+"""Resumable, verified downloads, shared by both stores.
+
+An object is fetched in fixed chunks (ranged reads, several at once for a
+remote store) into `<path>.part`, each written at its own offset. The note
+`<path>.part.json` names the object (key, etag, size, chunk size), the
+chunks already complete and how far the others got; a rerun keeps those
+bytes and fetches the rest, asking
+the store for the same etag (S3: `IfMatch`), so a partial can never be
+completed with bytes of another version. The sha256 is computed in order as
+the complete prefix grows (read back from the page cache), the size and
+hash are checked, the file is fsynced and only then renamed onto `path`.
+
+Progress is the bytes in complete or partly received chunks, a high-water
+mark per chunk, reported on the caller's thread: it never decreases, even
+when a chunk is retried or the object changed and the download starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from clipexport.errors import PreconditionFailedError, StorageError, StorageNotFoundError
+from clipexport.storage.base import HighWater, ObjectInfo, Progress, Reporter, Retry
+
+logger = logging.getLogger("clipexport.storage")
+
+#: `open_range(start, end, etag)` yields the object's bytes in [start, end),
+#: or raises `PreconditionFailedError` when its etag is no longer `etag`.
+OpenRange = Callable[[int, int, "str | None"], Iterator[bytes]]
+
+CHUNK_SIZE = 8 << 20
+NOTE_INTERVAL_S = 0.5
+HASH_BLOCK = 8 << 20
+
+
+def _sync_file_range() -> Callable[[int, int, int], None]:
+    """Start writing a range of a file to disk without waiting (Linux), else nothing.
+
+    Done for each chunk as it completes, so the fsync before the rename
+    finds little left to write: durability without a long stall at the end.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+        call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    except (OSError, AttributeError, ImportError):
+        return lambda fd, offset, length: None
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, length: int) -> None:
+        call(fd, offset, length, write)  # advisory: its errors are not ours to raise
+
+    return start
+
+
+start_writeback = _sync_file_range()
+
+
+class _Cancelled(BaseException):
+    """Stops a chunk's stream at its next read (another chunk failed, or Ctrl-C)."""
+
+
+class _CorruptPartial(Exception):
+    """A resumed partial did not hash to the object's sha256."""
+
+
+def sidecar(path: Path) -> tuple[Path, Path]:
+    """`<path>.part` (the bytes so far) and `<path>.part.json` (whose, which chunks)."""
+    return path.with_name(path.name + ".part"), path.with_name(path.name + ".part.json")
+
+
+def discard_partial(path: Path) -> None:
+    for p in sidecar(path):
+        p.unlink(missing_ok=True)
+
+
+def fetch(
+    path: Path,
+    stat: Callable[[], ObjectInfo | None],
+    open_range: OpenRange,
+    *,
+    sha256: str | None,
+    progress: Progress | None,
+    label: str,
+    transient: tuple[type[BaseException], ...] = (),
+    retry: Retry = Retry(),
+    chunk_size: int = CHUNK_SIZE,
+    concurrency: int = 1,
+) -> ObjectInfo:
+    """Download an object into `path`, resuming `<path>.part`.
+
+    `stat()` describes the object now (None: missing). If it changes under
+    the download (412) or a resumed partial turns out corrupt, the partial is
+    dropped and the download starts over, once. `sha256` (else the stored
+    one) must match. Streams cut by an exception in `transient` are resumed
+    where they stopped, within `retry`, per chunk.
+    """
+    report = Reporter(progress)
+    for last in (False, True):
+        info = stat()
+        if info is None:
+            raise StorageNotFoundError(f"{label}: no such object")
+        if sha256 and info.sha256 and info.sha256 != sha256:
+            raise StorageError(f"{label}: stored sha256 {info.sha256} is not the expected {sha256}")
+        job = _Download(
+            Path(path), info, open_range, sha256 or info.sha256, report, label, transient, retry,
+            chunk_size, concurrency,
+        )
+        try:
+            job.run()
+            return info
+        except PreconditionFailedError:
+            discard_partial(Path(path))
+            if last:
+                raise
+            logger.warning("%s changed since its download began; starting it over", label)
+        except _CorruptPartial as exc:
+            discard_partial(Path(path))
+            if last:
+                raise StorageError(str(exc)) from None
+            logger.warning("%s; downloading it again", exc)
+    raise AssertionError("unreachable")
+
+
+class _Download:
+    """One attempt at one object: resume, fetch the missing chunks, verify, rename."""
+
+    def __init__(
+        self,
+        path: Path,
+        info: ObjectInfo,
+        open_range: OpenRange,
+        sha256: str | None,
+        report: Reporter,
+        label: str,
+        transient: tuple[type[BaseException], ...],
+        retry: Retry,
+        chunk_size: int,
+        concurrency: int,
+    ) -> None:
+        self.path, self.info, self.open_range, self.sha256 = path, info, open_range, sha256
+        self.report, self.label, self.transient, self.retry = report, label, transient, retry
+        self.chunk = max(1, chunk_size)
+        self.concurrency = max(1, concurrency)
+        self.count = math.ceil(info.size / self.chunk)
+        self.part, self.note = sidecar(path)
+        self.cancel = threading.Event()
+
+    def _span(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk
+        return start, min(self.info.size, start + self.chunk)
+
+    # -- the note -------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {"key": self.info.key, "etag": self.info.etag, "size": self.info.size, "chunk": self.chunk}
+
+    def _resume(self, water: HighWater) -> set[int]:
+        """Chunks (and bytes of chunks) a previous run got of this very object.
+
+        Complete chunks are returned; the bytes received of the others go
+        into `water`. Anything else about the partial means a clean start.
+        """
+        try:
+            noted = json.loads(self.note.read_text())
+            if {k: noted.get(k) for k in ("key", "etag", "size", "chunk")} == self._identity() and self.part.exists():
+                done = {int(i) for i in noted.get("done", ()) if 0 <= int(i) < self.count}
+                for index, got in noted.get("have", {}).items():
+                    index, got = int(index), int(got)
+                    if 0 <= index < self.count and got > 0:
+                        start, end = self._span(index)
+                        if got >= end - start:
+                            done.add(index)
+                        else:
+                            water.fill(index, got)
+                for index in done:
+                    start, end = self._span(index)
+                    water.fill(index, end - start)
+                return done
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass
+        self.part.unlink(missing_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_note(set(), None)
+        return set()
+
+    def _write_note(self, done: set[int], water: HighWater | None) -> None:
+        have = {}
+        if water is not None:
+            have = {str(i): water[i] for i in range(self.count) if i not in done and water[i] > 0}
+        tmp = self.note.with_name(self.note.name + ".tmp")
+        tmp.write_text(json.dumps({**self._identity(), "done": sorted(done), "have": have}))
+        os.replace(tmp, self.note)
+
+    # -- the run ----------------------------------------------------------------
+
+    def run(self) -> None:
+        water = HighWater(max(self.count, 1))
+        done = self._resume(water)
+        resumed = water.total > 0
+        self.report.flush(water.total)
+        digest = hashlib.sha256()
+        hashed = 0  # chunks hashed, in order
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            todo = [i for i in range(self.count) if i not in done]
+            if todo:
+                hashed = self._fetch(fd, todo, done, water, digest)
+            hashed = self._hash_ready(fd, done, hashed, digest)
+            os.ftruncate(fd, self.info.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        got = digest.hexdigest()
+        if self.sha256 and got != self.sha256:
+            if resumed:
+                raise _CorruptPartial(f"{self.label}: resumed partial does not hash to {self.sha256}")
+            discard_partial(self.path)
+            raise StorageError(f"{self.label}: downloaded sha256 {got}, expected {self.sha256}")
+        os.replace(self.part, self.path)
+        self.note.unlink(missing_ok=True)
+        self.report.flush(self.info.size)
+
+    def _fetch(self, fd: int, todo: list[int], done: set[int], water: HighWater, digest) -> int:
+        """Fetch `todo` chunks on a pool; the caller's thread notes, hashes, reports."""
+        hashed, noted_at = 0, time.monotonic()
+        workers = min(self.concurrency, len(todo))
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") if workers > 1 else None
+        pending: dict[Future, int] = {}
+        try:
+            if pool is None:  # one chunk at a time, on this thread
+                for index in todo:
+                    self._get_chunk(fd, index, water, report=lambda: self.report(water.total))
+                    done.add(index)
+                    hashed = self._hash_ready(fd, done, hashed, digest)
+                    if time.monotonic() - noted_at >= NOTE_INTERVAL_S:
+                        self._write_note(done, water)
+                        noted_at = time.monotonic()
+                return hashed
+            for index in todo:
+                pending[pool.submit(self._get_chunk, fd, index, water)] = index
+            while pending:
+                finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    index = pending.pop(future)
+                    future.result()
+                    done.add(index)
+                hashed = self._hash_ready(fd, done, hashed, digest)
+                if finished and time.monotonic() - noted_at >= NOTE_INTERVAL_S:
+                    self._write_note(done, water)
+                    noted_at = time.monotonic()
+                self.report(water.total)
+            return hashed
+        finally:
+            self.cancel.set()
+            for future in pending:
+                future.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True)
+            self._write_note(done, water)  # what a rerun may keep
+
+    def _hash_ready(self, fd: int, done: set[int], hashed: int, digest) -> int:
+        """Hash the chunks complete in order from `hashed` on, reading them back."""
+        while hashed in done:
+            start, end = self._span(hashed)
+            start_writeback(fd, start, end - start)
+            if not self.sha256:
+                hashed += 1
+                continue
+            while start < end:
+                block = os.pread(fd, min(HASH_BLOCK, end - start), start)
+                if not block:
+                    raise StorageError(f"{self.label}: partial file is shorter than noted")
+                digest.update(block)
+                start += len(block)
+            hashed += 1
+        return hashed
+
+    def _get_chunk(self, fd: int, index: int, water: HighWater, report=None) -> None:
+        """Write chunk `index` at its offset, from where it got to, resuming on transient errors.
+
+        Bytes are written before they are counted, so the count (kept in the
+        note) never claims bytes that are not in the file.
+        """
+        start, end = self._span(index)
+        on_position = water.slot(index)
+        pos = start + water[index]
+        delays = self.retry.delays()
+        while pos < end:
+            stream = self.open_range(pos, end, self.info.etag)
+            try:
+                try:
+                    for data in stream:
+                        if self.cancel.is_set():
+                            raise _Cancelled()
+                        if len(data) > end - pos:
+                            data = data[: end - pos]
+                        os.pwrite(fd, data, pos)
+                        pos += len(data)
+                        on_position(pos - start)
+                        if report is not None:
+                            report()
+                finally:
+                    stream.close()  # now, not when the traceback is freed: it holds a connection
+                if pos < end:
+                    raise StorageError(f"{self.label}: stream ended at byte {pos} of {self.info.size}")
+            except self.transient as exc:
+                delay = next(delays, None)
+                if delay is None or self.cancel.is_set():
+                    raise
+                logger.info("%s: stream cut at byte %d (%s); resuming", self.label, pos, type(exc).__name__)
+                time.sleep(delay)
