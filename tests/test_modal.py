@@ -271,6 +271,25 @@ def test_resume_while_calls_wait_keeps_their_lanes_and_their_wait(tmp_path):
     assert svc.starts() == Counter({"seg-0001": 1, "seg-0002": 1})
 
 
+def test_resume_keeps_the_lane_of_the_call_running_there(tmp_path):
+    job = make_job(tmp_path, frames=30, segment_frames=10)
+    svc = FakeModal(tmp_path / "fake", frame_delay_s=0.05)
+    # one lane: seg-0001 done in it, seg-0002 running in it when the client dies
+    rec1 = Recorder(job.id, kill_at=lambda e: e["type"] == "phase_start" and e.get("part") == "seg-0002")
+    thread, raised = start(backend(job, svc.client(), parallel=1), job.tasks, rec1, threading.Event())
+    thread.join(DEADLINE_S)
+    assert isinstance(raised[0], Killed)
+
+    rec2 = Recorder(job.id)
+    client = svc.client()
+    backend(job, client, parallel=1).run(job.tasks, rec2, threading.Event())
+    assert len(client.spawned) == 1  # seg-0003 only
+    assert {e["worker"] for e in rec2.of("phase_start", "upscale")} == {"ctr-01"}
+    assert {v["lane"] for v in job.store.facts(job.id, "call:").values()} == {"ctr-01"}
+    assert svc.starts() == Counter({"seg-0001": 1, "seg-0002": 1, "seg-0003": 1})
+    check_events(rec1.events + rec2.events, [t.segment.name for t in job.tasks])
+
+
 def test_abandoned_calls_finish_without_any_client(tmp_path):
     job = make_job(tmp_path, frames=20, segment_frames=10)
     svc = FakeModal(tmp_path / "fake")

@@ -465,12 +465,12 @@ class _Run:
             if name in self.tasks and isinstance(value, dict) and value.get("id"):
                 recorded[name] = value
         by_id: dict[str, list[str]] = {}
-        for name, value in recorded.items():
-            by_id.setdefault(value["id"], []).append(name)
+        for name, value in sorted(recorded.items(), key=lambda item: -float(item[1].get("t") or 0)):
+            by_id.setdefault(value["id"], []).append(name)  # the newest call of a lane is the one running there
         self._number_lanes()
         for call_id, names in by_id.items():
             first = recorded[names[0]]
-            lane = self._lane(first.get("lane"))
+            lane = self._recorded_lane(first.get("lane"))
             spawned_t = first.get("t")
             waited = max(0.0, time.time() - spawned_t) if isinstance(spawned_t, (int, float)) else 0.0
             call = _Call(call_id, [self.tasks[n] for n in names], int(first.get("attempt") or 1), lane,
@@ -483,21 +483,24 @@ class _Run:
             if found is not None:  # stored by a call the job store no longer knows of
                 self._show(name, _finished_snapshot(task, task.attempt, size=found.size, elapsed=0.0, skipped=True))
                 continue
-            previous = recorded.get(name, {}).get("attempt", 0)
-            self.queued.append((task, max(task.attempt, int(previous) + 1 if previous else task.attempt)))
+            self.queued.append((task, task.attempt))
 
     def _number_lanes(self) -> None:
         self._lane_count = int(self.b.store.fact(self.b.job, "modal:lanes") or 0)
 
-    def _lane(self, name: str | None = None) -> _Lane:
-        """The lane `name` (a recorded one) if it is free, else a new one (numbered across runs)."""
+    def _recorded_lane(self, name: Any) -> _Lane:
+        """The lane a recorded call ran in (its older, finished calls share it)."""
+        if not isinstance(name, str) or not name:
+            return self._lane()
         for lane in self.lanes:
-            if lane.name == name and lane.call is None:
+            if lane.name == name:
                 return lane
-        if name and all(lane.name != name for lane in self.lanes):
-            lane = _Lane(name)
-            self.lanes.append(lane)
-            return lane
+        lane = _Lane(name)
+        self.lanes.append(lane)
+        return lane
+
+    def _lane(self) -> _Lane:
+        """A new lane, numbered across runs."""
         self._lane_count += 1
         self.b.store.set_fact(self.b.job, "modal:lanes", self._lane_count)
         lane = _Lane(f"ctr-{self._lane_count:02d}")
@@ -505,7 +508,8 @@ class _Run:
         return lane
 
     def _attach(self, call: _Call) -> None:
-        call.lane.call = call
+        if call.lane.call is None:
+            call.lane.call = call
         self.calls[call.id] = call
         for task in call.tasks:
             self.call_of[task.segment.name] = call
@@ -629,7 +633,8 @@ class _Run:
 
     def _release(self, call: _Call) -> None:
         self.calls.pop(call.id, None)
-        call.lane.call = None
+        if call.lane.call is call:
+            call.lane.call = None
         for task in call.tasks:
             if self.call_of.get(task.segment.name) is call:
                 del self.call_of[task.segment.name]
