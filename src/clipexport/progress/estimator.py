@@ -76,11 +76,15 @@ class Estimator:
         grace_s: float = 2.5,
         stall_growth: float = 0.5,
         min_remaining_s: float = 1.0,
-        tau_spf: float = 0.15,
-        tau_upload: float = 0.5,
+        tau_spf: float = 0.1,
+        tau_upload: float = 0.3,
         tau_download: float = 0.5,
         skew: float = 0.5,
+        settle_frames: float | None = None,
+        scenarios: bool = True,
     ) -> None:
+        self.settle_frames = settle_frames
+        self.scenarios = scenarios
         self.skew = skew
         self.tau_spf = tau_spf
         self.tau_upload = tau_upload
@@ -158,10 +162,34 @@ class _Run:
             known_any = True
             self.add(name, rem)
             cursor += rem + (self.model.constant("upload", "gap_s") if name in PRE else 0.0)
-        # 2 + 3. containers and segments
-        end, used = self._work(cursor)
+        # 2 + 3 + 4. containers, segments, finalize. While the first GPU
+        # container's fate is open (a warm start in seconds, or a cold one in
+        # half a minute), both futures are walked and the one that minimises
+        # the expected relative error is kept: the likelier, unless the
+        # other is much shorter.
+        p_first = self._first_warm_probability() if self.est.scenarios else None
+        if p_first is None:
+            end, used = self._after(cursor, names, None)
+        else:
+            base_attr = dict(self.attr)
+            end_w, used = self._after(cursor, names, "warm")
+            attr_w, self.attr = self.attr, dict(base_attr)
+            end_c, _ = self._after(cursor, names, "cold")
+            r_w, r_c = max(end_w - now, 1.0), max(end_c - now, 1.0)
+            if p_first / r_w >= (1.0 - p_first) / r_c:
+                end, self.attr = end_w, attr_w
+            else:
+                end = end_c
         known_any = known_any or used
-        # 4. finalize and unknown phases after the work
+        if not known_any:
+            return Estimate(None, rates=self.rates)
+        remaining = max(end - now, self.est.min_remaining_s)
+        return Estimate(remaining, dict(self.attr), dict(self.rates))
+
+    def _after(self, cursor: float, names: list[str], first: str | None) -> tuple[float, bool]:
+        """(end of the job, anything estimated) from `cursor`: GPU work, then what follows."""
+        st, now = self.st, self.now
+        end, known_any = self._work(cursor, first)
         for i, name in enumerate(names):
             ph = st.phases[name]
             if name in POST:
@@ -177,10 +205,25 @@ class _Run:
                     known_any = True
                     self.add(name, rem)
                     end = max(end, now) + rem
-        if not known_any:
-            return Estimate(None, rates=self.rates)
-        remaining = max(end - now, self.est.min_remaining_s)
-        return Estimate(remaining, dict(self.attr), dict(self.rates))
+        return end, known_any
+
+    def _first_warm_probability(self) -> float | None:
+        """P(the first container starts warm), while that is still open; else None."""
+        queue = self.st.phases.get("queue")
+        up = self.st.phases.get("upscale")
+        if queue is None or (up is not None and up.parts):
+            return None
+        conts = sorted((p for p in queue.parts.values() if p.start_t is not None), key=lambda p: p.start_t)
+        if not conts:
+            return self.model.p_warm(1) if not queue.ended else None
+        first = conts[0]
+        if first.ended or self._kind(first, self.st.phases.get("load_model")) is not None:
+            return None
+        waited = self.now - (first.start_t or self.now)
+        pw = self.model.p_warm(1)
+        sw, sc = self.model.warm_wait().survival(waited), self.model.cold_wait().survival(waited)
+        den = pw * sw + (1 - pw) * sc
+        return pw * sw / den if den > 1e-12 else None
 
     def _index_of_first_work(self, names: list[str]) -> int:
         for i, name in enumerate(names):
@@ -220,6 +263,7 @@ class _Run:
                 continue
             if p.ended:
                 time += max(0.0, p.end_t - p.start_t)  # type: ignore[operator]
+                last = p.end_t if last is None else max(last, p.end_t)  # type: ignore[type-var]
             else:
                 # a running part: its rate since its first progress (the
                 # latency before the first byte is not rate), and any stall
@@ -284,7 +328,9 @@ class _Run:
             return 1
         return max(1, min(par, max(n_segments, 1)))
 
-    def _containers(self, cursor: float, n_wanted: int, busy: dict[str, float], workers: set[str]) -> list[tuple[float, bool]]:
+    def _containers(
+        self, cursor: float, n_wanted: int, busy: dict[str, float], workers: set[str], first: str | None = None
+    ) -> list[tuple[float, bool]]:
         """(time free for a new segment, warmed up) of each container.
 
         `busy` maps the workers running a segment to its predicted end;
@@ -319,6 +365,10 @@ class _Run:
                 lo = max(lo, k)
             elif kind == "cold":
                 hi = min(hi, k)
+        if first == "warm":
+            lo = max(lo, 1)
+        elif first == "cold":
+            hi = min(hi, 1)
 
         def p_warm(k: int) -> float:
             if k <= lo:
@@ -409,7 +459,7 @@ class _Run:
         """The (t, done) from which the part's rate is measured: past the warm-up."""
         if not p.early:
             return None
-        skip = self.model.constant("upscale", "settle_frames") if warm else 0.0
+        skip = (self.est.settle_frames if self.est.settle_frames is not None else self.model.constant("upscale", "settle_frames")) if warm else 0.0
         d0 = p.early[0][1]
         for t, d in p.early:
             if d >= d0 + skip:
@@ -500,7 +550,7 @@ class _Run:
         count = len(up.parts) + len(pending)
         return pending, count
 
-    def _work(self, cursor: float) -> tuple[float, bool]:
+    def _work(self, cursor: float, first: str | None = None) -> tuple[float, bool]:
         """(time the GPU work and downloads end, whether anything was estimated)."""
         st, now, model = self.st, self.now, self.model
         up = st.phases.get("upscale")
@@ -555,7 +605,7 @@ class _Run:
             pending = []
         n_cont = self._container_count(nseg)
         workers = {p.worker for p in up.parts.values() if p.worker} or ({"#local"} if up.parts else set())
-        heap = self._containers(cursor, n_cont, busy, workers)[: max(n_cont, len(busy))]
+        heap = self._containers(cursor, n_cont, busy, workers, first)[: max(n_cont, len(busy))]
         heapq.heapify(heap)
         first_free = heap[0][0] if heap else start_cursor
         for name, n in pending:
