@@ -93,9 +93,10 @@ app = modal.App(APP_NAME)
     timeout=_seconds("CLIPEXPORT_TIMEOUT_S", 1800),
     scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 120),
     secrets=[modal.Secret.from_name(os.environ.get("CLIPEXPORT_MODAL_SECRET", "clipexport-r2"))],
-    # Crashes are retried; a preempted container is restarted on the same input
-    # anyway. Either way the body redoes only a segment that is not stored yet.
-    retries=modal.Retries(max_retries=2, initial_delay=2.0, backoff_coefficient=2.0),
+    # A crash is retried once (the client spawns a failed segment once more
+    # too); a preempted container is restarted on the same input anyway.
+    # Either way the body redoes only a segment that is not stored yet.
+    retries=modal.Retries(max_retries=1, initial_delay=2.0),
 )
 class Upscaler:
     model: str = modal.parameter(default="realesr-animevideov3")

@@ -21,7 +21,9 @@ one waits `cold_start_s`, then loads the model (once per service).
 Knobs: `cold_start_s`; `frame_delay_s` (slows each frame, so tests can act
 mid-segment); `preempt` (parts whose first run is preempted after
 `preempt_after` frames); `crash` (parts whose first run raises in the
-container: the call fails); `gate` (containers wait for it before running).
+container: the call fails); `fail` (part -> a clipexport error its first run
+raises, which the body returns as the call's result); `gate` (containers wait
+for it before running).
 `log` holds every phase start and end seen in a container.
 """
 
@@ -93,6 +95,8 @@ class _Guard:
                 raise Preempted()
             if n >= svc.preempt_after and svc._first_time(part, svc.crash, "crashed"):
                 raise RuntimeError(f"injected crash in {part}")
+            if n >= svc.preempt_after and svc._first_time(part, set(svc.fail), "failed"):
+                raise svc.fail[part]
             yield frame
 
 
@@ -110,12 +114,14 @@ class FakeModal:
         preempt: Iterable[str] = (),
         preempt_after: int = 3,
         crash: Iterable[str] = (),
+        fail: dict[str, BaseException] | None = None,
         gate: threading.Event | None = None,
         publish_s: float = 0.2,
     ) -> None:
         self.root = Path(root)
         self.cold_start_s, self.frame_delay_s = cold_start_s, frame_delay_s
         self.preempt, self.preempt_after, self.crash = set(preempt), preempt_after, set(crash)
+        self.fail = dict(fail or {})
         self.gate, self.publish_s = gate, publish_s
         self.calls: dict[str, FakeCall] = {}
         self.log: list[dict[str, Any]] = []

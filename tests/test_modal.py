@@ -347,6 +347,21 @@ def test_failed_call_is_spawned_again(tmp_path):
     check_events(rec.events, [t.segment.name for t in job.tasks])
 
 
+def test_resumable_remote_error_is_run_again(tmp_path):
+    from clipexport.errors import StorageError
+
+    job = make_job(tmp_path, frames=20, segment_frames=10)
+    svc = FakeModal(tmp_path / "fake", fail={"seg-0002": StorageError("the store timed out")})
+    client = svc.client()
+    rec = Recorder(job.id)
+    backend(job, client).run(job.tasks, rec, threading.Event())
+    assert svc.events == ["failed seg-0002"]
+    assert svc.attempts("seg-0002") == [1, 2]
+    assert len(client.spawned) == 3
+    check_outputs(job, tmp_path)
+    check_events(rec.events, ["seg-0001", "seg-0002"])
+
+
 def test_failed_job_resumes_an_expired_call_as_the_next_attempt(tmp_path):
     job = make_job(tmp_path, frames=20, segment_frames=10)
     svc = FakeModal(tmp_path / "fake", crash={"seg-0001"})

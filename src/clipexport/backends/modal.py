@@ -56,7 +56,7 @@ NO_MODAL = "--backend modal needs the modal package: pip install 'clipexport[mod
 
 PHASES = ("upscale", "encode")
 CHECK_S = 5.0  # a running call's `get` is asked at least this often
-MAX_RESPAWNS = 2  # per segment and run: a failed call is spawned again this many times
+MAX_RESPAWNS = 1  # per segment and run: a failed call is spawned again (Modal has retried it already)
 
 
 class CallFailed(BackendError):
@@ -657,14 +657,13 @@ class _Run:
                 self._show(name, _finished_snapshot(task, attempt, size=seg.get("bytes"),
                                                      elapsed=seg.get("elapsed"), skipped=bool(seg.get("skipped"))),
                            call.lane.name)
-        if result.get("error"):
-            resumable = bool(result.get("resumable", True))
-            if not resumable:
-                self._cancel_all()
-            raise BackendError(str(result["error"]), resumable=resumable)
+        if result.get("error") and not result.get("resumable", True):
+            self._cancel_all()  # the job cannot succeed: stop paying for the rest
+            raise BackendError(str(result["error"]), resumable=False)
         unfinished = [t for t in call.tasks if not self.views[t.segment.name].finished]
         if unfinished:
-            self._lost(call, CallFailed(f"the call returned without {unfinished[0].segment.name}"), released=True)
+            why = result.get("error") or f"the call returned without {unfinished[0].segment.name}"
+            self._lost(call, CallFailed(str(why)), released=True)
 
     def _lost(self, call: _Call, exc: BackendError, *, released: bool = False) -> None:
         """A call failed or expired: what is stored is done, the rest runs again."""
@@ -680,7 +679,7 @@ class _Run:
                 self._show(name, _finished_snapshot(task, max(view.attempt, call.attempt), size=found.size,
                                                     elapsed=None, skipped=False), call.lane.name)
                 continue
-            message = f"{name}: {view.error or exc}"
+            message = str(exc) if str(exc).startswith(f"{name}: ") else f"{name}: {view.error or exc}"
             tries = self.respawns.get(name, 0)
             if tries >= self.b.max_respawns:
                 raise BackendError(message, resumable=True)
