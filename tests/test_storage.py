@@ -285,6 +285,7 @@ def test_put_replaces_different_content(store, tmp_path):
 
 
 def test_small_objects_stat_list_delete(store):
+    store.check()
     assert store.stat("nothing/here") is None
     assert store.get_bytes("nothing/here") is None
     for key in ("jobs/j1/progress/seg-2.json", "jobs/j1/progress/seg-1.json", "jobs/j2/x", "jobsx"):
@@ -465,3 +466,28 @@ def test_local_stat_without_metadata_has_no_hash(tmp_path):
     assert (info.size, info.sha256) == (12, None) and info.etag
     os.utime(tmp_path / "store" / "seg" / "x.mp4", ns=(1, 1))
     assert store.stat("seg/x.mp4").etag != info.etag
+
+
+def test_local_concurrent_writers_of_one_object(tmp_path):
+    """Parallel workers storing the same content: one copy, no spurious error."""
+    import threading
+
+    store = LocalStorage(tmp_path / "store")
+    content = data(4 * MiB, seed=21)
+    src = write(tmp_path / "src", content)
+    errors: list[BaseException] = []
+
+    def put() -> None:
+        try:
+            store.put_file("seg/x.mp4", src)
+        except BaseException as exc:  # noqa: BLE001 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=put) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert store.get_bytes("seg/x.mp4") == content
+    assert not list((store.root / ".clipexport" / "incoming").iterdir())

@@ -148,6 +148,8 @@ class Storage(Protocol):
 
     def abort_uploads(self, state: TransferState) -> None: ...
 
+    def check(self) -> None: ...  # fail now, clearly, if the store cannot be used
+
 
 def content_key(sha256: str, suffix: str = "", *, prefix: str = "inputs/") -> str:
     """The key of content-addressed data: `inputs/<sha256><suffix>`."""

@@ -15,6 +15,7 @@ and the next call continues it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -38,6 +39,29 @@ from clipexport.storage.base import (
 from clipexport.storage.download import fetch
 
 RESERVED = ".clipexport"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` between threads and processes (POSIX flock).
+
+    Two writers of the same content would otherwise append to one partial;
+    the sha256 check would catch it, but as a spurious failure. The lock
+    file goes when released; a writer that raced that removal still cannot
+    commit wrong bytes, for the same reason.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the sha256 check alone
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class LocalStorage:
@@ -69,6 +93,16 @@ class LocalStorage:
     def _temp(self) -> Path:
         self._incoming.mkdir(parents=True, exist_ok=True)
         return self._incoming / f"tmp-{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}"
+
+    def check(self) -> None:
+        """Fail now if the store's directory cannot be created or written."""
+        try:
+            self._incoming.mkdir(parents=True, exist_ok=True)
+            probe = self._temp()
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise self._error("open the store", exc) from exc
 
     # -- reads --------------------------------------------------------------
 
@@ -186,8 +220,11 @@ class LocalStorage:
         if state is not None:
             state.save(self._state_key(key), {"kind": "local", "partial": partial.name, "sha256": sha})
         try:
-            self._copy(path, partial, size, sha, report)
-            self._commit(partial, dest, key, sha)
+            with _locked(partial.with_name(partial.name + ".lock")):
+                found = self.stat(key)  # stored by another writer while this one waited?
+                if found is None or found.size != size or found.sha256 != sha:
+                    self._copy(path, partial, size, sha, report)
+                    self._commit(partial, dest, key, sha)
         except OSError as exc:
             raise self._error(f"store {path} as {key}", exc) from exc
         if state is not None:
