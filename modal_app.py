@@ -17,6 +17,9 @@ Set at deploy time (environment of `modal deploy`):
                             Modal takes the first it can get
     CLIPEXPORT_TIMEOUT_S    time limit of one call (one segment), default 1800
     CLIPEXPORT_SCALEDOWN_S  seconds an idle container stays warm (and billed), default 120
+    CLIPEXPORT_MODAL_CPU    CPU cores per container, default 4 (decoding and x264
+                            encoding of the upscaled frames run on the CPU)
+    CLIPEXPORT_MODAL_MEMORY memory per container in MiB, default 8192
     CLIPEXPORT_MODAL_SECRET the Modal Secret with the bucket credentials,
                             default "clipexport-r2" (AWS_ACCESS_KEY_ID,
                             AWS_SECRET_ACCESS_KEY, R2_ACCOUNT_ID)
@@ -42,13 +45,14 @@ def _gpus() -> list[str]:
 
 
 def _seconds(name: str, default: int) -> int:
+    """A positive whole number from the environment (seconds, cores, MiB)."""
     value = os.environ.get(name, "").strip()
     if not value:
         return default
     try:
         return max(1, int(value))
     except ValueError:
-        raise SystemExit(f"{name}={value!r}: expected a whole number of seconds") from None
+        raise SystemExit(f"{name}={value!r}: expected a positive whole number") from None
 
 
 def fetch_weights() -> None:
@@ -92,6 +96,8 @@ app = modal.App(APP_NAME)
     gpu=_gpus(),
     timeout=_seconds("CLIPEXPORT_TIMEOUT_S", 1800),
     scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 120),
+    cpu=float(_seconds("CLIPEXPORT_MODAL_CPU", 4)),
+    memory=_seconds("CLIPEXPORT_MODAL_MEMORY", 8192),
     secrets=[modal.Secret.from_name(os.environ.get("CLIPEXPORT_MODAL_SECRET", "clipexport-r2"))],
     # A crash is retried once (the client spawns a failed segment once more
     # too); a preempted container is restarted on the same input anyway.
