@@ -12,6 +12,10 @@ same run, computes three baselines from the same overall fraction:
          (rich.progress.Task.speed / time_remaining, replicated)
   tqdm   tqdm's EMA of the rate, smoothing 0.3 (tqdm.std.EMA, replicated)
 
+A last row replays the same dev traces with their GPU renamed to one the
+model has never seen (the fallback: a generic GPU prior, then the job's own
+observed rate).
+
 Metrics, over samples (one per event) with at least 10 s left and after 5 %
 of the job's time: per-trace median absolute percentage error of the
 remaining time, then its median and p90 over traces; share of samples within
@@ -35,6 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from clipexport.events import read_events  # noqa: E402
 from clipexport.progress import TimingModel, estimate_plan, fit_logs, replay_traces  # noqa: E402
+from clipexport.progress.replay import replay_events  # noqa: E402
 
 TRACES = Path("/work/shared/traces")
 MIN_LEFT_S = 10.0
@@ -232,7 +237,16 @@ class Score:
         self.jumps.append(jumps)
 
 
-def run(train: Path, dev: Path, model_path: Path | None) -> int:
+def _unseen_gpu(events: list[dict]) -> list[dict]:
+    """The same trace, its GPU renamed to one no model has seen."""
+    out = [dict(e) for e in events]
+    for e in out:
+        if e.get("type") == "plan":
+            e["features"] = dict(e["features"], gpu="unseen-gpu")
+    return out
+
+
+def run(train: Path, dev: Path, model_path: Path | None, per_trace: bool = False) -> int:
     t_fit = time.perf_counter()
     if model_path:
         model = TimingModel.load(model_path)
@@ -248,8 +262,9 @@ def run(train: Path, dev: Path, model_path: Path | None) -> int:
         ours_rows.setdefault(line["trace"], []).append((line["t"], line["fraction"], line["remaining_s"]))
     replay_s = time.perf_counter() - t_rep
 
-    scores = {name: Score() for name in ("learned", "fixed", "rich", "tqdm")}
+    scores = {name: Score() for name in ("learned", "fixed", "rich", "tqdm", "unseen-gpu")}
     upfront = []
+    upfront_unseen = []
     for path in traces:
         events = list(read_events(path))
         plan = next(e for e in events if e["type"] == "plan")
@@ -257,7 +272,20 @@ def run(train: Path, dev: Path, model_path: Path | None) -> int:
         t_end = next(e["t"] for e in events if e["type"] == "done")
         est = estimate_plan(plan, model)["total_s"]
         upfront.append(abs(est - (t_end - t0)) / (t_end - t0))
+        n_before = len(scores["learned"].trace_mdape)
         scores["learned"].add_trace(ours_rows[path.name], t0, t_end)
+        if per_trace and len(scores["learned"].trace_mdape) == n_before:
+            print(f"  {path.name}: {t_end - t0:.0f} s, no sample with 10 s left after 5 % of the job")
+        elif per_trace:
+            f = plan["features"]
+            print(f"  {path.name}: {f.get('backend')} {f.get('gpu')} {f.get('model')} x{f.get('scale')} "
+                  f"{f.get('frames')} frames, {t_end - t0:.0f} s: median error {scores['learned'].trace_mdape[-1]:.1%}, "
+                  f"up-front {est - (t_end - t0):+.0f} s ({(est - (t_end - t0)) / (t_end - t0):+.0%})")
+        unseen = _unseen_gpu(events)
+        upfront_unseen.append(abs(estimate_plan(unseen[0], model)["total_s"] - (t_end - t0)) / (t_end - t0))
+        scores["unseen-gpu"].add_trace(
+            [(r["t"], r["fraction"], r["remaining_s"]) for r in replay_events(unseen, model, path.name)], t0, t_end
+        )
         fw, rs, tq = FixedWeights(), RichSpeed(), TqdmEma(t0)
         rows = {"fixed": [], "rich": [], "tqdm": []}
         for e in events:
@@ -278,13 +306,16 @@ def run(train: Path, dev: Path, model_path: Path | None) -> int:
     print(header)
     print("-" * len(header))
     for name, s in scores.items():
-        up = f"{sum(u <= 0.2 for u in upfront) / len(upfront):.0%}" if name == "learned" else "n/a"
+        if name == "unseen-gpu":
+            print("-" * len(header))
+        ups = {"learned": upfront, "unseen-gpu": upfront_unseen}.get(name)
+        up = f"{sum(u <= 0.2 for u in ups) / len(ups):.0%}" if ups else "n/a"
         print(
             f"{name:<10} {_median(s.trace_mdape):>8.1%} {_pct(s.trace_mdape, 0.9):>8.1%} "
             f"{s.within / max(s.samples, 1):>9.1%} {up:>14} {s.decreases:>10d} "
             f"{sum(s.jumps) / max(len(s.jumps), 1):>12.2f} {max(s.jumps, default=0):>10d}"
         )
-    best = min(_median(s.trace_mdape) for n, s in scores.items() if n != "learned")
+    best = min(_median(s.trace_mdape) for n, s in scores.items() if n in ("fixed", "rich", "tqdm"))
     ours = _median(scores["learned"].trace_mdape)
     print(f"up-front error: median {_median(upfront):.1%}, p90 {_pct(upfront, 0.9):.1%}")
     print(f"best baseline median / learned median: {best / ours:.2f}x" if ours > 0 else "learned median is 0")
@@ -298,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="use this model instead of fitting on --train")
     ap.add_argument("--per-trace", action="store_true", help="print each trace's error")
     args = ap.parse_args(argv)
-    return run(args.train, args.dev, args.model)
+    return run(args.train, args.dev, args.model, args.per_trace)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class Estimator:
         grace_s: float = 2.5,
         stall_growth: float = 0.5,
         min_remaining_s: float = 1.0,
-        tau_spf: float = 0.1,
+        tau_spf: float = 0.05,
         tau_upload: float = 0.3,
         tau_download: float = 0.5,
         skew: float = 0.5,
@@ -131,6 +131,7 @@ class _Run:
         self.attr: dict[str, float] = {}
         self.rates: dict[str, float] = {}
         self.observed_upload: tuple[float, float] | None = None  # (rate, evidence s)
+        self.out_bytes_total: float | None = None  # predicted size of the output, for finalize
 
     def add(self, phase: str, seconds: float) -> None:
         if seconds > 0:
@@ -241,11 +242,7 @@ class _Run:
         seen = False
         for i in range(len(names) - 1, -1, -1):
             out[i] = seen
-            ph = self.st.phases[names[i]]
-            if ph.started and names[i] not in PRE:
-                seen = True
-            elif ph.started and names[i] in PRE:
-                seen = True
+            seen = seen or self.st.phases[names[i]].started
         return out
 
     # -- byte streams: prepare, upload, unknown phases -------------------------
@@ -459,7 +456,12 @@ class _Run:
         """The (t, done) from which the part's rate is measured: past the warm-up."""
         if not p.early:
             return None
-        skip = (self.est.settle_frames if self.est.settle_frames is not None else self.model.constant("upscale", "settle_frames")) if warm else 0.0
+        if not warm:
+            skip = 0.0
+        elif self.est.settle_frames is not None:
+            skip = self.est.settle_frames
+        else:
+            skip = self.model.constant("upscale", "settle_frames")
         d0 = p.early[0][1]
         for t, d in p.early:
             if d >= d0 + skip:
@@ -638,7 +640,7 @@ class _Run:
 
         # output size: known per segment, else frames x bytes per frame
         bpf = self._bytes_per_frame(enc, dl, frames, out_bytes)
-        self._out_bytes_total = 0.0
+        self.out_bytes_total = 0.0
         for key, n in frames.items():
             b = out_bytes.get(key)
             if b is None and dl is not None and key in dl.parts and dl.parts[key].total is not None:
@@ -646,9 +648,9 @@ class _Run:
             if b is None:
                 b = n * bpf
             out_bytes[key] = b
-            self._out_bytes_total += b
+            self.out_bytes_total += b
         if not up.parts and not frames and up.known_total:
-            self._out_bytes_total = up.known_total * bpf
+            self.out_bytes_total = up.known_total * bpf
 
         # downloads, one after another in the order segments finish
         if dl is not None and not dl.ended:
@@ -718,8 +720,7 @@ class _Run:
     def _finalize(self, ph: PhaseState, work_end: float) -> float | None:
         if ph.ended:
             return None
-        out = getattr(self, "_out_bytes_total", None)
-        prior = self.model.finalize_time(self.f, out)
+        prior = self.model.finalize_time(self.f, self.out_bytes_total)
         if ph.started:
             spent = self.now - (ph.start_t or self.now)
             return max(prior - spent, Dist.TAIL_SHARE * spent, 0.1)

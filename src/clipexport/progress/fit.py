@@ -36,7 +36,7 @@ from .state import JobState
 # Ridge weights of the spf terms, in jobs: how much data a level needs to move.
 _RIDGE = {"gpu": 0.05, "model": 0.05, "model_scale": 1.0, "cell": 3.0}
 _BASE_WEIGHT_JOBS = 4.0  # what the base model counts for in a refit
-_SETTLE_FRAMES = 10  # frames a fresh container needs before its rate is steady
+_SETTLE_FRAMES = 15  # frames a fresh container needs before its rate is steady
 
 
 def jobs_from_logs(paths: Iterable[Path]) -> list[JobState]:

@@ -152,7 +152,7 @@ GENERIC: dict[str, Any] = {
         "cell": {},
         "overhead_s": 0.3,
         "gap_s": 0.1,
-        "settle_frames": 10,
+        "settle_frames": 15,
         "warmup_frames": 3.5,
         "warmup": {"a": 2.1, "b": 0.6},
     },
