@@ -138,7 +138,6 @@ def test_resume_refuses_a_changed_input(tmp_path, clip, clipexport_home):
     out = tmp_path / "out.mp4"
     proc = start("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6", "--progress", "none")
     job = job_id_of(proc)
-    store = JobStore(clipexport_home / "state")
     wait_for_a_finished_segment(clipexport_home, job)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)

@@ -139,6 +139,7 @@ def render(
         spec = _spec(inputs, output, settings, weights, trim, crop)
         from clipexport.orchestrator import prepare_job
 
+        _preflight(spec)
         prepared = prepare_job(spec, force=force)
         if estimate:
             _print_estimate(prepared, spec)
@@ -171,8 +172,6 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         raise UsageError("--parallel must be at least 1")
     if settings.backend not in ("local", "modal"):
         raise UsageError(f"unknown backend {settings.backend!r}: use local or modal")
-    if settings.backend == "modal" and not settings.storage:
-        raise UsageError("--backend modal needs --storage r2://bucket/prefix (or s3://) for the inputs and segments")
     from clipexport.upscale.registry import MODELS
 
     native = MODELS[settings.model].native_scale if settings.model in MODELS else 4
@@ -192,9 +191,17 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         storage=settings.storage,
         endpoint_url=settings.endpoint_url,
         parallel=settings.parallel,
-        gpu=settings.gpu if settings.backend != "local" else None,
+        gpu=settings.gpu if settings.backend != "local" else None,  # None: the deployment's fallback list
         device=settings.device,
     )
+
+
+def _preflight(spec: JobSpec) -> None:
+    """What a remote backend can check before a job exists (a token, a store), fastest first."""
+    if spec.backend == "modal":
+        from clipexport.backends.modal import preflight
+
+        preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
 
 
 def _print_estimate(prepared: Any, spec: JobSpec) -> None:
@@ -236,7 +243,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
-            backend_factory=lambda spec: create_backend(spec, segment_root, storage),
+            backend_factory=lambda spec, job: create_backend(spec, segment_root, storage, store, job),
             sinks=[display.handle],
             accept_changed_inputs=force,
             fraction=lambda: tracker.snapshot(time.time()).fraction,
@@ -271,6 +278,7 @@ def resume(
         record = store.get(job)
         _check_resumable(record)
         output_forced = bool(store.fact(record.id, "force")) or force
+        _preflight(record.spec)
         prepared = prepare_job(record.spec, force=output_forced)
         record = store.transition(record.id, JobState.RUNNING)
         _say(f"resuming job {record.id}")

@@ -61,7 +61,7 @@ class Settings:
     storage: str | None = None
     endpoint_url: str | None = None
     parallel: int = 3
-    gpu: str = "L4"
+    gpu: str | None = None  # modal: None keeps the deployment's GPU fallback list
     device: str = "auto"
 
 

@@ -10,6 +10,7 @@ key, which exists only once complete), the output (renamed into place last).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -24,6 +25,7 @@ from clipexport import events
 from clipexport.backends.base import Backend
 from clipexport.errors import (
     ClipexportError,
+    BackendError,
     InputError,
     Interrupted,
     JobLookupError,
@@ -33,13 +35,15 @@ from clipexport.errors import (
 )
 from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
 from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
-from clipexport.storage import Storage, hash_file
+from clipexport.remote import channel_prefix
+from clipexport.storage import ProgressChannel, Storage, hash_file
 from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, segment_key
 
 OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
-BackendFactory = Callable[[JobSpec], Backend]
+logger = logging.getLogger(__name__)
+BackendFactory = Callable[[JobSpec, str], Backend]
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,10 @@ class JobRunner:
     def _run(self, prepared: Prepared, out: Path, tmp: Path) -> None:
         emit = self.emitter
         hashes = self._prepare(prepared)
+        backend = self._backend_factory(self.spec, self.job)
+        warm_up = getattr(backend, "warm_up", None)
+        if warm_up is not None:  # a cold start overlaps the upload instead of following it
+            warm_up(min(self.spec.parallel, len(prepared.segments)))
         input_keys: list[str | None] = [None] * len(hashes)
         if self.storage is not None:
             paths = [info.path for info in prepared.infos]
@@ -231,7 +239,7 @@ class JobRunner:
         emit("phase_start", phase="upscale", unit="frames", total=frames)
         emit("phase_start", phase="encode", unit="frames", total=frames)
         started = time.monotonic()
-        self._backend_factory(self.spec).run(tasks, self._relay, self.stop)
+        backend.run(tasks, self._relay, self.stop)
         if self._downloads is not None:
             self._downloads.finish()
         elapsed = round(time.monotonic() - started, 3)
@@ -331,6 +339,8 @@ class JobRunner:
         paths = [self.segment_root / self._key(prepared, hashes, seg) for seg in prepared.segments]
         concat_and_mux(paths, prepared.plans, tmp)
         os.replace(tmp, out)
+        if self.storage is not None:
+            ProgressChannel(self.storage, channel_prefix(self.job)).clear()
         self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
                      bytes=out.stat().st_size)
         self.store.transition(self.job, JobState.DONE)
@@ -400,7 +410,10 @@ def _cancel_remote(store: JobStore, record: JobRecord) -> None:
     if spec.backend == "modal":
         from clipexport.backends.modal import RealModalClient, cancel_calls
 
-        cancel_calls(RealModalClient(), store, record.id)
+        try:
+            cancel_calls(RealModalClient(), store, record.id)
+        except BackendError as exc:  # no token here: the job is still cancelled locally
+            logger.warning("could not cancel the job's Modal calls: %s", exc)
 
 
 def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> None:

@@ -6,13 +6,15 @@ from pathlib import Path
 
 from clipexport.backends.base import Backend, EmitFn
 from clipexport.errors import UsageError
-from clipexport.jobs import JobSpec
+from clipexport.jobs import JobSpec, JobStore
 from clipexport.storage import Storage
 
 __all__ = ["Backend", "EmitFn", "create_backend"]
 
 
-def create_backend(spec: JobSpec, segment_root: Path, storage: Storage | None = None) -> Backend:
+def create_backend(
+    spec: JobSpec, segment_root: Path, storage: Storage | None, store: JobStore, job_id: str
+) -> Backend:
     """The backend a spec names; torch and modal are imported only here, lazily."""
     if spec.backend == "local":
         from clipexport.backends.local import LocalBackend
@@ -24,4 +26,10 @@ def create_backend(spec: JobSpec, segment_root: Path, storage: Storage | None = 
             return load_upscaler(spec.model, scale=spec.scale, weights=weights, device=spec.device, progress=on_bytes)
 
         return LocalBackend(loader, segment_root, storage)
+    if spec.backend == "modal":
+        from clipexport.backends.modal import ModalBackend, preflight
+
+        client = preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
+        return ModalBackend(client, storage, store=store, job_id=job_id, model=spec.model,  # type: ignore[arg-type]
+                            scale=spec.scale, parallel=spec.parallel, gpu=spec.gpu, endpoint_url=spec.endpoint_url)
     raise UsageError(f"unknown backend {spec.backend!r}: use local or modal")
