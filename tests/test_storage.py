@@ -491,3 +491,15 @@ def test_local_concurrent_writers_of_one_object(tmp_path):
     assert errors == []
     assert store.get_bytes("seg/x.mp4") == content
     assert not list((store.root / ".clipexport" / "incoming").iterdir())
+
+
+def test_corrupt_partial_is_fetched_again(store, tmp_path, unthrottled):
+    content = data(6 * MiB + 17, seed=22)
+    store.put_file("c.bin", write(tmp_path / "src", content))
+    out = tmp_path / "c.bin"
+    _interrupted_download(store, "c.bin", out, after=1)
+    assert noted_bytes(out) >= 16
+    with open(sidecar(out)[0], "r+b") as f:
+        f.write(b"rotten bytes....")  # inside what the note says was kept
+    store.get_file("c.bin", out)
+    assert out.read_bytes() == content

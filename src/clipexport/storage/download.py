@@ -4,11 +4,12 @@ An object is fetched in fixed chunks (ranged reads, several at once for a
 remote store) into `<path>.part`, each written at its own offset. The note
 `<path>.part.json` names the object (key, etag, size, chunk size), the
 chunks already complete and how far the others got; a rerun keeps those
-bytes and fetches the rest, asking
-the store for the same etag (S3: `IfMatch`), so a partial can never be
-completed with bytes of another version. The sha256 is computed in order as
-the complete prefix grows (read back from the page cache), the size and
-hash are checked, the file is fsynced and only then renamed onto `path`.
+bytes and fetches the rest, asking the store for the same etag (S3:
+`IfMatch`), so a partial is never completed with bytes of another version.
+The sha256 is computed in order as complete chunks line up (from memory;
+bytes a previous run left are read back), the size and hash are checked,
+the file is fsynced and only then renamed onto `path`. Each chunk's
+writeback starts as soon as it is hashed, so that the fsync is short.
 
 Progress is the bytes in complete or partly received chunks, a high-water
 mark per chunk, reported on the caller's thread: it never decreases, even
@@ -24,6 +25,7 @@ import math
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -39,7 +41,7 @@ OpenRange = Callable[[int, int, "str | None"], Iterator[bytes]]
 
 CHUNK_SIZE = 8 << 20
 NOTE_INTERVAL_S = 0.5
-HASH_BLOCK = 8 << 20
+HASH_BLOCK = 256 << 10  # read back in pieces that stay in cache
 
 
 def _sync_file_range() -> Callable[[int, int, int], None]:
@@ -211,13 +213,9 @@ class _Download:
         resumed = water.total > 0
         self.report.flush(water.total)
         digest = hashlib.sha256()
-        hashed = 0  # chunks hashed, in order
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            todo = [i for i in range(self.count) if i not in done]
-            if todo:
-                hashed = self._fetch(fd, todo, done, water, digest)
-            hashed = self._hash_ready(fd, done, hashed, digest)
+            self._fetch(fd, done, water, digest)
             os.ftruncate(fd, self.info.size)
             os.fsync(fd)
         finally:
@@ -232,36 +230,49 @@ class _Download:
         self.note.unlink(missing_ok=True)
         self.report.flush(self.info.size)
 
-    def _fetch(self, fd: int, todo: list[int], done: set[int], water: HighWater, digest) -> int:
-        """Fetch `todo` chunks on a pool; the caller's thread notes, hashes, reports."""
-        hashed, noted_at = 0, time.monotonic()
+    def _fetch(self, fd: int, done: set[int], water: HighWater, digest) -> None:
+        """Fetch the missing chunks; the caller's thread notes, hashes, reports.
+
+        Chunks go to a pool (or run on this thread when there is one worker);
+        at most `2 x workers` chunks past the first unhashed one are started,
+        so chunks waiting in memory for their turn to be hashed stay bounded.
+        """
+        todo = deque(i for i in range(self.count) if i not in done)
         workers = min(self.concurrency, len(todo))
+        window = 2 * max(workers, 1)
+        held: dict[int, list[bytes] | None] = {}  # fetched, not hashed yet (None: read back)
+        cursor = [0]  # chunks hashed, in order
+        noted_at = time.monotonic()
+
+        def step(index: int, blocks: list[bytes] | None) -> None:
+            nonlocal noted_at
+            done.add(index)
+            held[index] = blocks
+            self._hash_ready(fd, done, held, cursor, digest)
+            if time.monotonic() - noted_at >= NOTE_INTERVAL_S:
+                self._write_note(done, water)
+                noted_at = time.monotonic()
+
+        self._hash_ready(fd, done, held, cursor, digest)  # what a previous run left
+        if not todo:
+            return
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") if workers > 1 else None
         pending: dict[Future, int] = {}
         try:
-            if pool is None:  # one chunk at a time, on this thread
-                for index in todo:
-                    self._get_chunk(fd, index, water, report=lambda: self.report(water.total))
-                    done.add(index)
-                    hashed = self._hash_ready(fd, done, hashed, digest)
-                    if time.monotonic() - noted_at >= NOTE_INTERVAL_S:
-                        self._write_note(done, water)
-                        noted_at = time.monotonic()
-                return hashed
-            for index in todo:
-                pending[pool.submit(self._get_chunk, fd, index, water)] = index
-            while pending:
+            if pool is None:
+                while todo:
+                    index = todo.popleft()
+                    step(index, self._get_chunk(fd, index, water, report=lambda: self.report(water.total)))
+                return
+            while todo or pending:
+                while todo and len(pending) < workers and todo[0] < cursor[0] + window:
+                    index = todo.popleft()
+                    pending[pool.submit(self._get_chunk, fd, index, water)] = index
                 finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
                 for future in finished:
                     index = pending.pop(future)
-                    future.result()
-                    done.add(index)
-                hashed = self._hash_ready(fd, done, hashed, digest)
-                if finished and time.monotonic() - noted_at >= NOTE_INTERVAL_S:
-                    self._write_note(done, water)
-                    noted_at = time.monotonic()
+                    step(index, future.result())
                 self.report(water.total)
-            return hashed
         finally:
             self.cancel.set()
             for future in pending:
@@ -270,32 +281,49 @@ class _Download:
                 pool.shutdown(wait=True)
             self._write_note(done, water)  # what a rerun may keep
 
-    def _hash_ready(self, fd: int, done: set[int], hashed: int, digest) -> int:
-        """Hash the chunks complete in order from `hashed` on, reading them back."""
-        while hashed in done:
-            start, end = self._span(hashed)
-            start_writeback(fd, start, end - start)
-            if not self.sha256:
-                hashed += 1
-                continue
-            while start < end:
-                block = os.pread(fd, min(HASH_BLOCK, end - start), start)
-                if not block:
-                    raise StorageError(f"{self.label}: partial file is shorter than noted")
-                digest.update(block)
-                start += len(block)
-            hashed += 1
-        return hashed
+    def _hash_ready(
+        self, fd: int, done: set[int], held: dict[int, list[bytes] | None], cursor: list[int], digest
+    ) -> None:
+        """Hash the complete chunks in order from `cursor` on and start their writeback.
 
-    def _get_chunk(self, fd: int, index: int, water: HighWater, report=None) -> None:
+        A chunk fetched whole by this run is hashed from memory; one that a
+        previous run began (or finished) is read back from the partial.
+        """
+        while cursor[0] in done:
+            index = cursor[0]
+            start, end = self._span(index)
+            blocks = held.pop(index, None)
+            if self.sha256:
+                if blocks is not None:
+                    for block in blocks:
+                        digest.update(block)
+                else:
+                    self._hash_back(fd, start, end, digest)
+            start_writeback(fd, start, end - start)
+            cursor[0] += 1
+
+    def _hash_back(self, fd: int, start: int, end: int, digest) -> None:
+        buffer = bytearray(HASH_BLOCK)
+        view = memoryview(buffer)
+        while start < end:
+            n = os.preadv(fd, [view[: min(HASH_BLOCK, end - start)]], start)
+            if not n:
+                raise StorageError(f"{self.label}: partial file is shorter than noted")
+            digest.update(view[:n])
+            start += n
+
+    def _get_chunk(self, fd: int, index: int, water: HighWater, report=None) -> list[bytes] | None:
         """Write chunk `index` at its offset, from where it got to, resuming on transient errors.
 
         Bytes are written before they are counted, so the count (kept in the
-        note) never claims bytes that are not in the file.
+        note) never claims bytes that are not in the file. Returns the
+        chunk's bytes when it was fetched whole and a hash needs them, else
+        None (the caller reads it back).
         """
         start, end = self._span(index)
         on_position = water.slot(index)
         pos = start + water[index]
+        blocks: list[bytes] | None = [] if self.sha256 and pos == start else None
         delays = self.retry.delays()
         while pos < end:
             stream = self.open_range(pos, end, self.info.etag)
@@ -307,6 +335,8 @@ class _Download:
                         if len(data) > end - pos:
                             data = data[: end - pos]
                         os.pwrite(fd, data, pos)
+                        if blocks is not None:
+                            blocks.append(data)
                         pos += len(data)
                         on_position(pos - start)
                         if report is not None:
@@ -321,3 +351,4 @@ class _Download:
                     raise
                 logger.info("%s: stream cut at byte %d (%s); resuming", self.label, pos, type(exc).__name__)
                 time.sleep(delay)
+        return blocks
