@@ -140,7 +140,7 @@ def render(
         from clipexport.orchestrator import prepare_job
 
         _preflight(spec)
-        prepared = prepare_job(spec, force=force)
+        prepared = prepare_job(spec, force=force or estimate)  # an estimate writes nothing
         if estimate:
             _print_estimate(prepared, spec)
             return
@@ -222,6 +222,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _device_name(spec: JobSpec) -> str:
+    """What does the upscaling, for the ETA's features: a GPU type, or "cpu"."""
+    if spec.backend != "local":
+        return spec.gpu or "auto"
+    from clipexport.backends.local import device_name
+
+    return device_name(spec.device)
+
+
 def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh: bool, force: bool) -> None:
     """Run a job under a display; print the output path when done."""
     from clipexport.backends import create_backend
@@ -250,7 +259,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             storage=storage,
         )
         if fresh:
-            runner.emit_plan(prepared, backend=record.spec.backend, device=record.spec.device)
+            runner.emit_plan(prepared, backend=spec.backend, device=_device_name(spec))
         try:
             out = runner.run(prepared)
         except Interrupted as exc:
@@ -261,6 +270,24 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             raise
     if mode != "json":
         print(out, flush=True)
+    _refit_timing_model(store)
+
+
+def _refit_timing_model(store: JobStore, keep: int = 200) -> None:
+    """Learn from the user's own finished jobs, so the next ETA starts closer.
+
+    Best effort: a fit that fails leaves the previous model in place.
+    """
+    from clipexport.progress import fit_logs, user_model_path
+
+    done = [r for r in store.all() if r.state == JobState.DONE][-keep:]
+    paths = [p for p in (store.log_path(r.id) for r in done) if p.is_file()]
+    try:
+        target = user_model_path()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fit_logs(paths).save(target)
+    except Exception as exc:  # noqa: BLE001 - the job itself is done; never fail it here
+        logging.getLogger(__name__).warning("could not refit the timing model: %s", exc)
 
 
 @app.command()

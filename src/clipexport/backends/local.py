@@ -105,3 +105,12 @@ def _heartbeat(download: dict[str, Any]) -> dict[str, Any]:
     mib = download["done"] / 2**20
     detail = f"downloading weights {mib:.1f} MiB" + (f" of {total / 2**20:.1f} MiB" if total else "")
     return {"type": "heartbeat", "phase": "load_model", "detail": detail, "bytes": download["done"]}
+
+
+def device_name(device: str) -> str:
+    """"cpu", or the CUDA device's name ("NVIDIA H100 80GB HBM3") for `device`."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    return torch.cuda.get_device_name(torch.device(device if device != "auto" else "cuda"))
