@@ -10,6 +10,11 @@ given, or the MD5 of the local bytes), and sends only the others. A part
 already verified is never sent again: on R2 a failed re-send of a part
 number loses the part that was there.
 
+Downloads (`download.fetch`) are ranged GETs of part-size chunks, up to
+`max_concurrency` at once, each pinned to the object's etag with `IfMatch`
+(412 when it changed), resumable from `<path>.part`, verified against the
+size and the `x-amz-meta-sha256` the upload stored.
+
 R2's rules are checked here, since local servers do not enforce them: one
 part size for the whole upload (only the last part smaller), 5 MiB to
 5 GiB, at most 10,000 parts, `ContentMD5` on every part and object.
