@@ -169,3 +169,23 @@ def test_replay_is_fast_and_does_not_import_torch(logs):
             "from clipexport.progress.display import make_display; assert 'torch' not in sys.modules"
         )
         subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("H100", "H100"), ("h100", "H100"), ("H100-80GB", "H100"), ("H100 SXM", "H100"), ("A10G", "A10"),
+     ("RTX 4090", "rtx4090"), ("A100", "A100"), ("L40S", "L40S"), ("", "")],
+)
+def test_gpu_names_are_matched_loosely(name, key):
+    from clipexport.progress.model import match_gpu
+
+    assert match_gpu(name, {"H100": 0, "A10": 0, "rtx4090": 0, "L4": 0}) == key
+
+
+def test_an_unknown_gpu_gets_the_generic_prior_with_a_wide_spread():
+    m = TimingModel.default()
+    f = {"gpu": "A100", "model": "realesr-animevideov3", "scale": 4, "in_width": 1280, "in_height": 720}
+    mu, sd = m.spf(f)
+    mu_l4, sd_l4 = m.spf(dict(f, gpu="L4"))
+    assert sd > 2 * sd_l4
+    assert math.isfinite(mu)

@@ -82,7 +82,9 @@ class Estimator:
         skew: float = 0.5,
         settle_frames: float | None = None,
         scenarios: bool = True,
+        skew_download: float | None = None,
     ) -> None:
+        self.skew_download = skew if skew_download is None else skew_download
         self.settle_frames = settle_frames
         self.scenarios = scenarios
         self.skew = skew
@@ -704,7 +706,7 @@ class _Run:
             mu, sd = self.model.download_rate(up_obs[0], weight)
         else:
             mu, sd = self.model.download_rate(None)
-        mu += self.est.skew * sd * sd
+        mu += self.est.skew_download * sd * sd
         obs = self._rate_of_stream(dl, "download")
         log_rate = blend(mu, sd, math.log(obs[0]) if obs else None, obs[1] if obs else 0.0, self.est.tau_download)
         return math.exp(log_rate)

@@ -284,7 +284,7 @@ class TimingModel:
         the generic GPU term and a wide sd.
         """
         sec = self.section("upscale")
-        gpu = str(features.get("gpu", ""))
+        gpu = match_gpu(str(features.get("gpu", "")), sec.get("gpu") or {}, (sec.get("fallback") or {}).get("gpu") or {})
         model = str(features.get("model", ""))
         ms = f"{model}@x{features.get('scale', '')}"
         cell = f"{gpu}|{ms}"
@@ -308,6 +308,26 @@ class TimingModel:
 
     def constant(self, section: str, name: str) -> float:
         return float(self.section(section)[name])
+
+
+def _canonical_gpu(name: str) -> str:
+    tokens = [t for t in re.split(r"[\s_\-:/]+", name.lower()) if t]
+    kept = [t for t in tokens if not re.fullmatch(r"\d+gb|sxm\d*|pcie|nvl", t)] or tokens
+    return re.sub(r"[^a-z0-9]", "", "".join(kept))
+
+
+def match_gpu(name: str, *tables: Mapping[str, Any]) -> str:
+    """The key a GPU is known by: 'h100-80gb' and 'H100 SXM' are 'H100', 'A10G' is 'A10'."""
+    for table in tables:
+        if name in table:
+            return name
+    want = _canonical_gpu(name)
+    for candidate in (want, want[:-1] if want.endswith("g") else None):
+        for table in tables:
+            for key in table:
+                if candidate and _canonical_gpu(key) == candidate:
+                    return key
+    return name
 
 
 def dumps(data: Mapping[str, Any]) -> str:

@@ -13,13 +13,15 @@ fraction is clamped so it never decreases (a correction changes the bar's
 speed, not its direction), stays below 1 until `done`, and starts at
 `floor` (the last fraction shown before a resume).
 
-The tracker reads no clock and starts no thread: `now` is explicit. It is not
-thread-safe by itself; the display serialises calls.
+The tracker reads no clock and starts no thread: `now` is explicit. Its
+methods hold one lock, so a worker thread may feed it while another asks for
+a snapshot.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 from .estimator import Estimator
@@ -74,10 +76,12 @@ class Tracker:
         self.estimator = Estimator(self.model)
         self._shown = min(max(float(floor), 0.0), MAX_RUNNING_FRACTION)
         self._words = EtaWords()
+        self._lock = threading.RLock()
 
     def feed(self, event: dict) -> None:
         """Apply any contract event (it must carry `t`)."""
-        self.state.feed(event)
+        with self._lock:
+            self.state.feed(event)
 
     @property
     def fraction(self) -> float:
@@ -85,6 +89,10 @@ class Tracker:
         return self._shown
 
     def snapshot(self, now: float) -> Snapshot:
+        with self._lock:
+            return self._snapshot(now)
+
+    def _snapshot(self, now: float) -> Snapshot:
         st = self.state
         t0 = st.t0 if st.t0 is not None else now
         end = st.terminal_t if st.terminal is not None and st.terminal_t is not None else now
