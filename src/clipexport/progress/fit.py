@@ -36,6 +36,7 @@ from .state import JobState
 # Ridge weights of the spf terms, in jobs: how much data a level needs to move.
 _RIDGE = {"gpu": 0.05, "model": 0.05, "model_scale": 1.0, "cell": 3.0}
 _BASE_WEIGHT_JOBS = 4.0  # what the base model counts for in a refit
+_FEW = 8  # jobs below which a spread is not trusted to be narrower than the reference's
 _SETTLE_FRAMES = 15  # frames a fresh container needs before its rate is steady
 
 
@@ -325,6 +326,11 @@ def _fit_spf(rows: list[tuple[dict[str, Any], float]], base: TimingModel | None)
     }
 
 
+def _spread(sd: float, n: int, ref_sd: float, floor: float) -> float:
+    """A prior's spread: from few jobs, no tighter than the reference's."""
+    return max(sd, float(ref_sd) if n < _FEW else 0.0, floor)
+
+
 def _shrink(new: float | None, n: int, old: float | None) -> float | None:
     if new is None:
         return old
@@ -382,7 +388,8 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
         if base:
             old = sec["log_rate"]
             a = _shrink(a, len(s.upload), float(old["a"]) + float(old.get("b", 0)) * (r - float(old.get("ref", r))))
-        out["upload"] = {"log_rate": {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(max(sd, 0.1), 4)}}
+        sd = _spread(sd, len(s.upload), sec["log_rate"]["sd"], 0.1)
+        out["upload"] = {"log_rate": {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(sd, 4)}}
     elif s.upload:
         x, y = s.upload[0]
         out["upload"] = {"log_rate": {"a": round(_shrink(y, 1, sec["log_rate"]["a"] if base else None), 4), "b": 0.0, "ref": round(x, 4), "sd": 1.0}}
@@ -399,12 +406,13 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     dsec: dict[str, Any] = {}
     if ms:
         mu = _shrink(ms[0], len(all_dl), sec["log_rate"]["mu"] if base else None)
-        dsec["log_rate"] = {"mu": round(mu, 4), "sd": round(max(ms[1], 0.1), 4)}
+        dsec["log_rate"] = {"mu": round(mu, 4), "sd": round(_spread(ms[1], len(all_dl), sec["log_rate"]["sd"], 0.1), 4)}
     else:
         dsec["log_rate"] = sec["log_rate"]
     if lf:
         a, b, r, sd = lf
-        dsec["vs_upload"] = {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(max(sd, 0.1), 4)}
+        sd = _spread(sd, len(pairs), sec["vs_upload"]["sd"], 0.1)
+        dsec["vs_upload"] = {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(sd, 4)}
     else:
         dsec["vs_upload"] = sec["vs_upload"]
     dsec["latency_s"] = round(_median([x for x in s.dl_latency if 0 <= x < 10], sec["latency_s"]), 3)
@@ -414,7 +422,8 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     sec = ref.section("output")
     if ms:
         mu = _shrink(ms[0], len(s.bpp), sec["log_bytes_per_px"]["mu"] if base else None)
-        out["output"] = {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.1), 4)}}
+        sd = _spread(ms[1], len(s.bpp), sec["log_bytes_per_px"]["sd"], 0.1)
+        out["output"] = {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(sd, 4)}}
     else:
         out["output"] = sec
     # queue: warm or cold, how long
@@ -447,6 +456,8 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     sec = ref.section("upscale")
     usec = _fit_spf(s.spf, base) or dict(sec)
     if base is None and s.spf:
+        usec["sd"] = round(_spread(usec["sd"], len(s.spf), float(sec["sd"]), 0.05), 4)
+    if base is None and s.spf:
         # GPUs this fit has not seen keep the built-in prior
         known = set(usec.get("gpu", {}))
         builtin = {k: v for k, v in ref.section("upscale").items() if k != "fallback"}
@@ -457,7 +468,7 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     usec["settle_frames"] = _SETTLE_FRAMES
     usec["warmup_frames"] = sec["warmup_frames"]
     pts = [(math.log(x), math.log(max(y - usec["overhead_s"], 0.05))) for x, y in s.warmup if x > 0]
-    lf = _linfit([x for x, _ in pts], [y for _, y in pts])
+    lf = _linfit([x for x, _ in pts], [y for _, y in pts]) if len(pts) >= _FEW else None
     if lf:
         a, b, r, sd = lf
         usec["warmup"] = {"a": round(a - b * r, 4), "b": round(b, 4), "sd": round(sd, 4)}
