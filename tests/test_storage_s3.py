@@ -224,10 +224,12 @@ def test_upload_survives_a_server_restart(seaweed, tmp_path):
     src = write(tmp_path / "f.bin", content)
     store = store_on(seaweed, max_concurrency=2)
     restarted = threading.Event()
-    restarter = threading.Thread(target=lambda: (seaweed.restart(downtime=0.5), restarted.set()))
+    restarter = threading.Thread(target=lambda: (seaweed.restart(downtime=0.5, hard=True), restarted.set()))
 
-    def after_first_part(**_):
-        if not restarter.is_alive() and not restarted.is_set():
+    once = threading.Lock()
+
+    def after_first_part(**_):  # runs on several part threads at once
+        if once.acquire(blocking=False):
             restarter.start()
 
     store.client.meta.events.register("after-call.s3.UploadPart", after_first_part)

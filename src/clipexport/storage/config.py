@@ -43,7 +43,7 @@ class S3Settings:
     read_timeout: float = 60.0
     #: botocore's own tries per request (standard mode, with backoff).
     max_attempts: int = 5
-    max_pool_connections: int = 16
+    max_pool_connections: int = 32  # several transfers at once, 10 streams each
 
     @property
     def endpoint_label(self) -> str:
