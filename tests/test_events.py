@@ -59,6 +59,10 @@ def test_log_survives_a_line_cut_by_a_crash(tmp_path):
         f.write('{"v":1,"job":"cx-000001","seq":2,"t"')
     assert [e["seq"] for e in events.read_events(path)] == [0, 1]
     assert events.last_seq(path) == 1
+    resumed = events.EventLog(path)
+    make_emitter(resumed, next_seq=2)("phase_start", phase="upscale")
+    resumed.close()
+    assert [e["seq"] for e in events.read_events(path)] == [0, 1, 2]
     assert events.last_seq(tmp_path / "missing.jsonl") == -1
 
 

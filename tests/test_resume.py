@@ -24,6 +24,7 @@ import pytest
 
 from clipexport import events
 from clipexport.jobs import JobState, JobStore
+from clipexport.orchestrator import owns_output
 from clipexport.progress import Tracker
 from tests.clips import make_clip, read_index
 
@@ -98,7 +99,8 @@ def test_sigkill_at_random_moments_then_resume_is_frame_exact(tmp_path, clip, cl
             proc.kill()
             proc.wait()
             kills += 1
-            assert not out.exists(), "a killed render must leave nothing at the output path"
+            assert not out.exists() or owns_output(JobStore(clipexport_home / "state"), job), (
+                "a killed render leaves nothing at the output path, unless it had finished writing it")
             proc = start("resume", job, "--progress", "plain")
             continue
         assert code == 0, proc.stderr.read()
@@ -198,3 +200,28 @@ def test_cancel_marks_the_job_and_writes_a_cancelled_event(tmp_path, clip, clipe
     assert not out.exists()
     again = subprocess.run([*CLI, "resume", job], capture_output=True, text=True, timeout=60)
     assert again.returncode == 2 and "cancelled" in again.stderr
+
+
+def test_resume_after_a_kill_between_the_rename_and_done(tmp_path, clipexport_home):
+    """The output is in place but the job was not marked done: resume finishes, a stranger's file is kept."""
+    import sqlite3
+
+    clip = make_clip(tmp_path / "c.mp4", frames=6, width=32, height=18, fps=24)
+    out = tmp_path / "o.mp4"
+    subprocess.run([*CLI, "render", str(clip), "-o", str(out), "--progress", "none"],
+                   check=True, capture_output=True, timeout=DEADLINE_S)
+    store = JobStore(clipexport_home / "state")
+    job = store.all()[0].id
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (job,))
+    finished = subprocess.run([*CLI, "resume", job, "--progress", "none"], capture_output=True, text=True,
+                              timeout=DEADLINE_S)
+    assert finished.returncode == 0, finished.stderr
+    assert [read_index(f) for f in frames_of(out)] == list(range(6))
+
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET state = 'interrupted' WHERE id = ?", (job,))
+    out.write_bytes(b"someone else's file")
+    refused = subprocess.run([*CLI, "resume", job], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+    assert out.read_bytes() == b"someone else's file"

@@ -304,7 +304,9 @@ def resume(
         store = _store()
         record = store.get(job)
         _check_resumable(record)
-        output_forced = bool(store.fact(record.id, "force")) or force
+        from clipexport.orchestrator import owns_output
+
+        output_forced = bool(store.fact(record.id, "force")) or force or owns_output(store, record.id)
         _preflight(record.spec)
         prepared = prepare_job(record.spec, force=output_forced)
         record = store.transition(record.id, JobState.RUNNING)

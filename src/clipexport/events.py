@@ -81,6 +81,8 @@ class EventLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
+        if _ends_mid_line(path):  # a crash cut the last line: keep it from swallowing the next
+            self._file.write("\n")
 
     def __call__(self, event: Event) -> None:
         self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
@@ -90,6 +92,15 @@ class EventLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_events(path: Path) -> Iterator[Event]:

@@ -269,8 +269,7 @@ class JobRunner:
         return hashes
 
     def _input_hash(self, index: int, info: ClipInfo, base: int, total: int) -> str:
-        stat = info.path.stat()
-        identity = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        identity = file_identity(info.path)
         known = self.store.fact(self.job, f"input:{index}")
         if known is not None and known["identity"] == identity:
             return known["sha256"]
@@ -338,6 +337,7 @@ class JobRunner:
         started = time.monotonic()
         paths = [self.segment_root / self._key(prepared, hashes, seg) for seg in prepared.segments]
         concat_and_mux(paths, prepared.plans, tmp)
+        self.store.set_fact(self.job, "output", file_identity(tmp))  # lets resume recognise it after a kill
         os.replace(tmp, out)
         if self.storage is not None:
             ProgressChannel(self.storage, channel_prefix(self.job)).clear()
@@ -364,6 +364,22 @@ class JobRunner:
         total = sum(i.size_bytes for i in prepared.infos)
         event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
         self.store.set_fact(self.job, "plan_t", event["t"])
+
+
+def file_identity(path: Path) -> dict[str, int]:
+    """Size and mtime: enough to tell a file we wrote from one put there since."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def owns_output(store: JobStore, job_id: str) -> bool:
+    """Whether the file at the job's output is the one this job renamed there.
+
+    A job killed between its output's rename and being marked done is
+    finished but for the bookkeeping; its resume may rewrite that file.
+    """
+    out = Path(store.get(job_id).spec.output)
+    return out.is_file() and store.fact(job_id, "output") == file_identity(out)
 
 
 def partial_output(spec: JobSpec, job_id: str) -> Path:
