@@ -207,19 +207,15 @@ def _preflight(spec: JobSpec) -> None:
 def _print_estimate(prepared: Any, spec: JobSpec) -> None:
     from clipexport.orchestrator import build_plan
     from clipexport.progress import estimate_plan, load_model
+    from clipexport.progress.text import clock
 
     total_bytes = sum(i.size_bytes for i in prepared.infos)
     plan = build_plan(prepared, input_bytes=total_bytes, backend=spec.backend, device=spec.device)
     plan.update(v=events.VERSION, job="estimate", seq=0, t=time.time())
     estimate = estimate_plan(plan, load_model())
     for phase, seconds in estimate["phases"].items():
-        print(f"{phase:<12} {_duration(seconds)}")
-    print(f"{'total':<12} {_duration(estimate['total_s'])}")
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        print(f"{phase:<12} {clock(seconds)}")
+    print(f"{'total':<12} {clock(estimate['total_s'])}")
 
 
 def _device_name(spec: JobSpec) -> str:
@@ -357,30 +353,22 @@ def _active(store: JobStore) -> list[JobRecord]:
 
 
 def _status_line(record: JobRecord, snap: Any) -> str:
-    running = [row.phase for row in snap.phases if row.state in ("running", "waiting")]
-    phase = running[-1] if running else "-"
-    return f"{record.id}  {snap.fraction * 100:5.1f}%  {phase:<10}  {snap.eta_text}"
+    from clipexport.progress.display import status_line
+
+    return f"{record.id}  {status_line(snap)}"
 
 
-def _status_detail(record: JobRecord, snap: Any) -> list[str]:
-    lines = [f"job {record.id}  {_state(record)}  {snap.fraction * 100:.1f}%  "
-             f"elapsed {_duration(snap.elapsed)}  {snap.eta_text}",
-             f"  output {record.spec.output}"]
-    for row in snap.phases:
-        amount = _amount(row.done, row.total, row.unit)
-        detail = f"  ({row.detail})" if row.detail else ""
-        lines.append(f"  {row.phase:<11} {row.state:<8} {amount}{detail}")
-    return lines
+def _print_expanded(record: JobRecord, snap: Any) -> None:
+    """The multi-phase view of one job: the same rows a live render draws."""
+    from rich.console import Console
 
+    from clipexport.progress.display import render_snapshot
+    from clipexport.progress.text import clock
 
-def _amount(done: float, total: float | None, unit: str | None) -> str:
-    if unit == "bytes":
-        def mib(n: float) -> str:
-            return f"{n / 2**20:.1f} MiB"
-        return mib(done) + (f" / {mib(total)}" if total else "")
-    if unit:
-        return f"{int(done)}" + (f" / {int(total)} {unit}" if total else f" {unit}")
-    return ""
+    console = Console(highlight=False)
+    console.print(f"job {record.id}  {_state(record)}  {snap.fraction * 100:.1f}%  "
+                  f"elapsed {clock(snap.elapsed)}  {snap.eta_text}\n  output {record.spec.output}")
+    console.print(render_snapshot(snap))
 
 
 def _snapshot_json(record: JobRecord, snap: Any) -> dict[str, Any]:
@@ -422,7 +410,10 @@ def _print_status(store: JobStore, records: list[JobRecord], *, expanded: bool, 
     if not snaps:
         print("no running jobs", flush=True)
     for record, snap in snaps:
-        print("\n".join(_status_detail(record, snap)) if expanded else _status_line(record, snap), flush=True)
+        if expanded:
+            _print_expanded(record, snap)
+        else:
+            print(_status_line(record, snap), flush=True)
 
 
 @app.command(name="jobs")
@@ -502,7 +493,9 @@ def _human(event: dict[str, Any]) -> str:
         if field in event:
             parts.append(str(event[field]))
     if "done" in event:
-        parts.append(_amount(event["done"], event.get("total"), event.get("unit")).strip())
+        from clipexport.progress.text import amount
+
+        parts.append(amount(event["done"], event.get("total"), event.get("unit")))
     return "  ".join(parts)
 
 
