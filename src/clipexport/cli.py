@@ -392,10 +392,43 @@ def status(
     """Show the progress of running jobs (or of one job, expanded)."""
     with _errors_to_exit():
         store = _store()
+        if watch and not json_out and sys.stdout.isatty():
+            _watch_live(store, job, interval)
+            return
         while True:
             records = [store.get(job)] if job else _active(store)
             _print_status(store, records, expanded=job is not None, as_json=json_out)
-            if not watch or not any(_state(r) == "running" for r in (records or _active(store))):
+            if not watch or not any(_state(r) == "running" for r in records):
+                return
+            time.sleep(interval)
+
+
+def _watch_live(store: JobStore, job: str | None, interval: float) -> None:
+    """Redraw in place on a terminal until no job watched is running."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from clipexport.progress.display import render_snapshot
+
+    def view() -> tuple[Any, bool]:
+        records = [store.get(job)] if job else _active(store)
+        now = time.time()
+        parts: list[Any] = []
+        for record in records:
+            snap = _snapshot(store, record, now)
+            if job:
+                parts += [Text(f"job {record.id}  {_state(record)}  {snap.eta_text}"), render_snapshot(snap)]
+            else:
+                parts.append(Text(_status_line(record, snap)))
+        running = any(_state(r) == "running" for r in records)
+        return Group(*(parts or [Text("no running jobs")])), running
+
+    with Live(console=Console(), auto_refresh=False) as live:
+        while True:
+            renderable, running = view()
+            live.update(renderable, refresh=True)
+            if not running:
                 return
             time.sleep(interval)
 
