@@ -95,7 +95,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job's events as
 
 @app.command()
 def render(
-    inputs: Annotated[list[Path], typer.Argument(help="Input clips, joined in this order into one output.")],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...",
+                                                 help="Input clips, joined in this order into one output.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.mp4, .mov or .mkv).")],
     scale: Annotated[Optional[int], typer.Option(help="Output scale, 2 or 4 (default: the model's own).")] = None,
     model: Annotated[Optional[str], typer.Option(help="realesr-animevideov3 (default), realesrgan-x4plus, "
@@ -119,7 +120,8 @@ def render(
     endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint (else CLIPEXPORT_S3_ENDPOINT, "
                                                              "or R2_ACCOUNT_ID for r2://).")] = None,
     parallel: Annotated[Optional[int], typer.Option(help="Containers at once (modal backend).")] = None,
-    gpu: Annotated[Optional[str], typer.Option(help="GPU type for the modal backend (default L4).")] = None,
+    gpu: Annotated[Optional[str], typer.Option(help="Pin one GPU type for the modal backend (default: the deployment's "
+                                                    "list, L4 then A10G then T4).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the estimated time per phase; run nothing.")] = False,
     json_out: JsonOpt = False,
