@@ -95,7 +95,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job's events as
 
 @app.command()
 def render(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...",
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT",
                                                  help="Input clips, joined in this order into one output.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.mp4, .mov or .mkv).")],
     scale: Annotated[Optional[int], typer.Option(help="Output scale, 2 or 4 (default: the model's own).")] = None,
