@@ -15,7 +15,9 @@ server in the same run, so the ratio measures the transfer code only:
   part, upload id and parts recorded in a TransferState) and `get_file`
   (ranged GETs pinned by IfMatch, resumable `.part`, size and sha256
   verified, fsync, atomic rename), with a progress callback;
-- ours without progress: the same with `progress=None`, to price tracking.
+- ours without progress: the same with `progress=None`, to price tracking;
+- a probe: our download with the stored sha256 hidden (nothing hashed), to
+  tell the transfer machinery from the verification plain does not do.
 
 Each repetition runs every variant once, the order alternating, with the
 page cache flushed (untimed) around each run. Reported per size: median
@@ -30,6 +32,7 @@ and shown folded into the upload as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import resource
@@ -115,6 +118,17 @@ class Results:
         return statistics.median(self.cpu[name]) * 1024 / mib
 
 
+def unverified_get(store, key: str, out: Path) -> None:
+    """A probe, not a mode of the store: get_file with the stored sha256 hidden,
+    so nothing is hashed; it prices the download machinery without verification."""
+    real = store.stat
+    store.stat = lambda k: dataclasses.replace(real(k), sha256=None)
+    try:
+        store.get_file(key, out)
+    finally:
+        del store.stat
+
+
 def bench_size(store, client, workdir: Path, size_mib: int, repeat: int) -> Results:
     size = size_mib * MiB
     src = workdir / f"src-{size_mib}.bin"
@@ -133,7 +147,7 @@ def bench_size(store, client, workdir: Path, size_mib: int, repeat: int) -> Resu
     results.add("md5", *timed(lambda: hashlib.md5(sample).digest()))  # Content-MD5: what plain skips
     results.add("sha256", *timed(lambda: hashlib.sha256(sample).digest()))  # the download's verification
     keys = {v: f"{v}-{size_mib}.bin" for v in VARIANTS}
-    outs = {v: workdir / f"out-{v}.bin" for v in VARIANTS}
+    outs = {v: workdir / f"out-{v}.bin" for v in (*VARIANTS, "ours_unverified")}
     for rep in range(repeat):
         order = VARIANTS if rep % 2 == 0 else VARIANTS[::-1]
         up, down = Counter(), Counter()
@@ -148,13 +162,14 @@ def bench_size(store, client, workdir: Path, size_mib: int, repeat: int) -> Resu
             ),
             "ours": lambda: store.get_file(keys["ours"], outs["ours"], progress=down),
             "ours_noprog": lambda: store.get_file(keys["ours_noprog"], outs["ours_noprog"]),
+            "ours_unverified": lambda: unverified_get(store, keys["ours_noprog"], outs["ours_unverified"]),
         }
         for variant in order:
             store.delete_prefix(keys[variant])  # ours would skip an object already stored
             results.add(f"up_{variant}", *timed(uploads[variant]))
-        for variant in order:
+        for variant in (*order, "ours_unverified") if rep % 2 == 0 else ("ours_unverified", *order):
             results.add(f"down_{variant}", *timed(downloads[variant]))
-        for variant in VARIANTS:
+        for variant in outs:
             if outs[variant].stat().st_size != size:
                 raise AssertionError(f"{variant}: downloaded {outs[variant].stat().st_size} bytes, not {size}")
             outs[variant].unlink()
@@ -183,6 +198,11 @@ def report(mib: int, r: Results) -> list[str]:
         f" download {r.ratio('down_ours', 'down_ours_noprog'):.3f}x of the same without a callback"
         f" ({r.callbacks['up']} and {r.callbacks['down']} callbacks)"
     )
+    lines.append(
+        f"{'':>5}      download without the sha256 check (a probe): ratio"
+        f" {r.ratio('down_ours_unverified', 'down_plain'):.3f}x plain,"
+        f" cpu/GiB {r.cpu_per_gib('down_ours_unverified', mib):.2f} s"
+    )
     md5_mib = min(mib, 64) / statistics.median(r.wall["md5"])
     sha_mib = min(mib, 64) / statistics.median(r.wall["sha256"])
     lines.append(
@@ -199,7 +219,7 @@ def report(mib: int, r: Results) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="64,512", help="file sizes in MiB, comma-separated")
-    parser.add_argument("--repeat", type=int, default=0, help="repetitions per size (default: 5 up to 64 MiB, else 3)")
+    parser.add_argument("--repeat", type=int, default=0, help="repetitions per size (default: 9 up to 64 MiB, else 3)")
     parser.add_argument("--storage", help="benchmark a real s3:// or r2:// store instead of a local SeaweedFS")
     parser.add_argument("--endpoint-url")
     parser.add_argument("--tls", action="store_true", help="local SeaweedFS over HTTPS (self-signed)")
@@ -227,7 +247,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             for mib in sizes:
-                repeat = args.repeat or (5 if mib <= 64 else 3)
+                repeat = args.repeat or (9 if mib <= 64 else 3)
                 results = bench_size(store, store.client, Path(tmp), mib, repeat)
                 print(f"{'':>5}      ({repeat} repetitions)")
                 for line in report(mib, results):

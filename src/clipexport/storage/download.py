@@ -6,10 +6,10 @@ remote store) into `<path>.part`, each written at its own offset. The note
 chunks already complete and how far the others got; a rerun keeps those
 bytes and fetches the rest, asking the store for the same etag (S3:
 `IfMatch`), so a partial is never completed with bytes of another version.
-The sha256 is computed in order as complete chunks line up (from memory;
-bytes a previous run left are read back), the size and hash are checked,
-the file is fsynced and only then renamed onto `path`. Each chunk's
-writeback starts as soon as it is hashed, so that the fsync is short.
+The sha256 is computed in order as the bytes arrive, while later chunks
+still stream (bytes a previous run left are read back); size and hash are
+checked, the file is fsynced and only then renamed onto `path`. Each
+chunk's writeback starts as soon as it is hashed, so that the fsync is short.
 
 Progress is the bytes in complete or partly received chunks, a high-water
 mark per chunk, reported on the caller's thread: it never decreases, even
@@ -231,29 +231,33 @@ class _Download:
         self.report.flush(self.info.size)
 
     def _fetch(self, fd: int, done: set[int], water: HighWater, digest) -> None:
-        """Fetch the missing chunks; the caller's thread notes, hashes, reports.
+        """Fetch the missing chunks; the caller's thread hashes, notes, reports.
 
-        Chunks go to a pool (or run on this thread when there is one worker);
-        at most `2 x workers` chunks past the first unhashed one are started,
-        so chunks waiting in memory for their turn to be hashed stay bounded.
+        Chunks go to a pool (or run on this thread when there is one worker).
+        Their bytes are hashed as they arrive, in order, while later chunks
+        still stream; at most `2 x workers` chunks past the one being hashed
+        are started, so bytes waiting for their turn stay bounded.
         """
         todo = deque(i for i in range(self.count) if i not in done)
         workers = min(self.concurrency, len(todo))
         window = 2 * max(workers, 1)
-        held: dict[int, list[bytes] | None] = {}  # fetched, not hashed yet (None: read back)
-        cursor = [0]  # chunks hashed, in order
+        held: dict[int, list[bytes] | None] = {}  # blocks as they arrive (None: read back when done)
+        where = [0, 0]  # the chunk being hashed, and how many of its blocks are
         noted_at = time.monotonic()
 
-        def step(index: int, blocks: list[bytes] | None) -> None:
+        def start(index: int) -> list[bytes] | None:
+            fresh = self.sha256 is not None and water[index] == 0
+            held[index] = [] if fresh else None
+            return held[index]
+
+        def finish(index: int) -> None:
             nonlocal noted_at
             done.add(index)
-            held[index] = blocks
-            self._hash_ready(fd, done, held, cursor, digest)
             if time.monotonic() - noted_at >= NOTE_INTERVAL_S:
                 self._write_note(done, water)
                 noted_at = time.monotonic()
 
-        self._hash_ready(fd, done, held, cursor, digest)  # what a previous run left
+        self._hash_some(fd, done, held, where, digest)  # what a previous run left
         if not todo:
             return
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") if workers > 1 else None
@@ -262,16 +266,20 @@ class _Download:
             if pool is None:
                 while todo:
                     index = todo.popleft()
-                    step(index, self._get_chunk(fd, index, water, report=lambda: self.report(water.total)))
+                    self._get_chunk(fd, index, water, start(index), report=lambda: self.report(water.total))
+                    finish(index)
+                    self._hash_some(fd, done, held, where, digest)
                 return
             while todo or pending:
-                while todo and len(pending) < workers and todo[0] < cursor[0] + window:
+                while todo and len(pending) < workers and todo[0] < where[0] + window:
                     index = todo.popleft()
-                    pending[pool.submit(self._get_chunk, fd, index, water)] = index
-                finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                    pending[pool.submit(self._get_chunk, fd, index, water, start(index))] = index
+                finished, _ = wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
                 for future in finished:
                     index = pending.pop(future)
-                    step(index, future.result())
+                    future.result()
+                    finish(index)
+                self._hash_some(fd, done, held, where, digest)
                 self.report(water.total)
         finally:
             self.cancel.set()
@@ -281,26 +289,34 @@ class _Download:
                 pool.shutdown(wait=True)
             self._write_note(done, water)  # what a rerun may keep
 
-    def _hash_ready(
-        self, fd: int, done: set[int], held: dict[int, list[bytes] | None], cursor: list[int], digest
+    def _hash_some(
+        self, fd: int, done: set[int], held: dict[int, list[bytes] | None], where: list[int], digest
     ) -> None:
-        """Hash the complete chunks in order from `cursor` on and start their writeback.
+        """Hash what has arrived, in order, and start the writeback of whole chunks.
 
-        A chunk fetched whole by this run is hashed from memory; one that a
-        previous run began (or finished) is read back from the partial.
+        `where` is [chunk, blocks of it hashed]. A chunk fetched whole by
+        this run is hashed block by block from memory as its worker appends
+        them (each block is dropped once hashed); a chunk a previous run
+        began or finished is read back from the partial once complete.
         """
-        while cursor[0] in done:
-            index = cursor[0]
+        while where[0] < self.count:
+            index = where[0]
+            blocks = held.get(index)
+            if blocks is not None:
+                while where[1] < len(blocks):  # the worker may still be appending
+                    digest.update(blocks[where[1]])
+                    blocks[where[1]] = b""
+                    where[1] += 1
+                if index not in done or where[1] < len(blocks):
+                    return
+            elif index not in done:
+                return
+            elif self.sha256:
+                self._hash_back(fd, *self._span(index), digest)
             start, end = self._span(index)
-            blocks = held.pop(index, None)
-            if self.sha256:
-                if blocks is not None:
-                    for block in blocks:
-                        digest.update(block)
-                else:
-                    self._hash_back(fd, start, end, digest)
             start_writeback(fd, start, end - start)
-            cursor[0] += 1
+            held.pop(index, None)
+            where[0], where[1] = index + 1, 0
 
     def _hash_back(self, fd: int, start: int, end: int, digest) -> None:
         buffer = bytearray(HASH_BLOCK)
@@ -312,18 +328,18 @@ class _Download:
             digest.update(view[:n])
             start += n
 
-    def _get_chunk(self, fd: int, index: int, water: HighWater, report=None) -> list[bytes] | None:
+    def _get_chunk(
+        self, fd: int, index: int, water: HighWater, blocks: list[bytes] | None, report=None
+    ) -> None:
         """Write chunk `index` at its offset, from where it got to, resuming on transient errors.
 
         Bytes are written before they are counted, so the count (kept in the
-        note) never claims bytes that are not in the file. Returns the
-        chunk's bytes when it was fetched whole and a hash needs them, else
-        None (the caller reads it back).
+        note) never claims bytes that are not in the file; they are also
+        appended to `blocks`, if given, for the caller to hash.
         """
         start, end = self._span(index)
         on_position = water.slot(index)
         pos = start + water[index]
-        blocks: list[bytes] | None = [] if self.sha256 and pos == start else None
         delays = self.retry.delays()
         while pos < end:
             stream = self.open_range(pos, end, self.info.etag)
@@ -351,4 +367,3 @@ class _Download:
                     raise
                 logger.info("%s: stream cut at byte %d (%s); resuming", self.label, pos, type(exc).__name__)
                 time.sleep(delay)
-        return blocks
