@@ -503,3 +503,22 @@ def test_corrupt_partial_is_fetched_again(store, tmp_path, unthrottled):
         f.write(b"rotten bytes....")  # inside what the note says was kept
     store.get_file("c.bin", out)
     assert out.read_bytes() == content
+
+
+def test_uneven_parts_are_refused_before_complete(moto_store, tmp_path, monkeypatch):
+    """R2 rejects uneven parts at complete (SeaweedFS and moto accept them): checked first."""
+    from clipexport.storage import s3
+
+    real = s3._Multipart._list_parts
+
+    def one_part_off(self, upload_id):
+        listed = real(self, upload_id)
+        if listed and self.cancel.is_set():  # after the sends: the check before complete
+            etag, size = listed[1][0]
+            listed[1] = [(etag, size - 1)]
+        return listed
+
+    monkeypatch.setattr(s3._Multipart, "_list_parts", one_part_off)
+    with pytest.raises(StorageError, match="one part size"):
+        moto_store.put_file("u.bin", write(tmp_path / "u", data(11 * MiB)))
+    assert moto_store.stat("u.bin") is None
