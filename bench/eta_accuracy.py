@@ -41,7 +41,7 @@ from clipexport.events import read_events  # noqa: E402
 from clipexport.progress import TimingModel, estimate_plan, fit_logs, replay_traces  # noqa: E402
 from clipexport.progress.replay import replay_events  # noqa: E402
 
-TRACES = Path("/work/shared/traces")
+TRACES = ROOT.parent / "shared" / "traces"  # shared/ sits beside the checkout
 MIN_LEFT_S = 10.0
 MIN_DONE_SHARE = 0.05
 JUMP = 1.2
