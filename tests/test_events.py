@@ -74,3 +74,13 @@ def test_log_line_for_phase_end():
     )
     assert events.log_line({**event, "type": "progress"}) is None
     json.dumps(event)
+
+
+def test_throttle_lets_progress_through_once_per_interval():
+    now = [0.0]
+    throttle = events.Throttle(0.25, clock=lambda: now[0])
+    seen = []
+    for step in range(10):
+        now[0] = step * 0.1
+        seen.append(throttle.ready())
+    assert seen == [True, False, False, True, False, False, True, False, False, True]

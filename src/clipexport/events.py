@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ TYPES = ("plan", "phase_start", "progress", "heartbeat", "phase_end", "done", "e
 PHASES = ("prepare", "upload", "queue", "load_model", "upscale", "encode", "download", "finalize")
 TERMINAL_TYPES = ("done", "error", "cancelled")
 LOGGED_TYPES = ("phase_start", "phase_end", "done", "error")
+PROGRESS_INTERVAL_S = 0.25  # how often producers report cumulative progress
 
 Event = dict[str, Any]
 Sink = Callable[[Event], None]
@@ -67,6 +69,27 @@ class Emitter:
     def __call__(self, type_: str, **fields: Any) -> Event:
         """Shorthand: `emitter("phase_start", phase="upscale")`."""
         return self.emit({"type": type_, **fields})
+
+
+class Throttle:
+    """Lets cumulative progress through at most once per `interval` seconds.
+
+    Progress is cumulative, so skipping intermediate values loses nothing;
+    phase starts and ends are never throttled by their producers.
+    """
+
+    def __init__(self, interval: float = PROGRESS_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last = -math.inf
+
+    def ready(self) -> bool:
+        """True (and the clock restarts) when `interval` has passed since the last True."""
+        now = self._clock()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
 
 
 class EventLog:

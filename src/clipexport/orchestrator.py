@@ -245,7 +245,7 @@ class JobRunner:
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
-        self._finalize(prepared, hashes, out, tmp)
+        self._finalize(prepared, out, tmp)
 
     def _relay(self, partial: dict[str, Any]) -> None:
         """Backend events enter the job's stream here; segment ends are facts."""
@@ -273,11 +273,10 @@ class JobRunner:
         known = self.store.fact(self.job, f"input:{index}")
         if known is not None and known["identity"] == identity:
             return known["sha256"]
-        last = [0.0]
+        throttle = events.Throttle()
 
         def on_bytes(done: int) -> None:
-            if time.monotonic() - last[0] >= 0.25:
-                last[0] = time.monotonic()
+            if throttle.ready():
                 self.emitter("progress", phase="prepare", unit="bytes", done=base + done, total=total)
 
         sha = hash_file(info.path, on_bytes)
@@ -332,10 +331,10 @@ class JobRunner:
             self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
                          attempt=self.store.fact(self.job, f"attempt:{seg.name}") or 1, skipped=True)
 
-    def _finalize(self, prepared: Prepared, hashes: list[str], out: Path, tmp: Path) -> None:
+    def _finalize(self, prepared: Prepared, out: Path, tmp: Path) -> None:
         self.emitter("phase_start", phase="finalize")
         started = time.monotonic()
-        paths = [self.segment_root / self._key(prepared, hashes, seg) for seg in prepared.segments]
+        paths = [self.segment_root / self._keys[seg.name] for seg in prepared.segments]
         concat_and_mux(paths, prepared.plans, tmp)
         self.store.set_fact(self.job, "output", file_identity(tmp))  # lets resume recognise it after a kill
         os.replace(tmp, out)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from clipexport.events import Throttle
 from clipexport.storage import Storage, TransferState, content_key
 
 Emit = Callable[[dict[str, Any]], None]
-PROGRESS_INTERVAL_S = 0.25
 
 
 def upload_inputs(
@@ -48,11 +48,10 @@ def _transfer(emit: Emit, phase: str, part: str, size: int, run: Callable[[Calla
     """Run one transfer with throttled, cumulative progress for its part."""
     common = {"phase": phase, "part": part, "unit": "bytes", "total": size, "attempt": 1}
     emit({"type": "phase_start", **common})
-    started, last = time.monotonic(), [0.0]
+    started, throttle = time.monotonic(), Throttle()
 
     def progress(done: int) -> None:
-        if time.monotonic() - last[0] >= PROGRESS_INTERVAL_S:
-            last[0] = time.monotonic()
+        if throttle.ready():
             emit({"type": "progress", **common, "done": done})
 
     run(progress)

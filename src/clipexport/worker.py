@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from clipexport.events import Throttle
 from clipexport.media import ClipPlan, Segment, VideoWriter, read_frames
 
 SEGMENT_SUFFIX = ".mp4"
-PROGRESS_INTERVAL_S = 0.25
 
 
 class FrameUpscaler(Protocol):
@@ -123,13 +123,12 @@ def _encode_frames(
     seg, clip, scale = task.segment, task.clip, upscaler.scale
     width, height = clip.size
     frames = read_frames(clip, seg.start, seg.count)
-    done, last = 0, clock()
+    done, throttle = 0, Throttle(clock=clock)
     with VideoWriter(tmp, width * scale, height * scale, clip.fps, codec=task.codec, crf=task.crf) as writer:
         for frame in upscaler.stream(frames):
             writer.write(frame)
             done += 1
-            if clock() - last >= PROGRESS_INTERVAL_S:
-                last = clock()
+            if throttle.ready():
                 yield {"type": "progress", "phase": "upscale", **common, "done": done}
                 yield {"type": "progress", "phase": "encode", **common, "done": done}
     return done
