@@ -69,3 +69,25 @@ def test_wrong_credentials_name_the_endpoint_not_the_secret(tmp_path, monkeypatc
     assert seaweed.endpoint_url in line and "not-the-secret" not in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_store_down_fails_resumably_then_resume_finishes(tmp_path, monkeypatch):
+    from tests.s3server import SeaweedServer
+
+    with SeaweedServer(tmp_path / "weed") as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        clip = make_clip(tmp_path / "clip.mp4", frames=12, width=64, height=36, fps=24)
+        out = tmp_path / "out.mp4"
+        server.kill()
+        failed = runner.invoke(app, ["render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6",
+                                     "--storage", f"s3://{BUCKET}/down", "--progress", "none"])
+        assert failed.exit_code == 75, failed.stderr
+        line = failed.stderr.strip().splitlines()[-1]
+        job = line.split("clipexport resume ")[1].rstrip("`)")
+        assert server.endpoint_url in line and "Traceback" not in failed.stderr
+        assert not out.exists()
+        server.start()
+        resumed = runner.invoke(app, ["resume", job, "--progress", "none"])
+        assert resumed.exit_code == 0, resumed.stderr
+        assert decode(out)[0] == list(range(12))

@@ -62,7 +62,8 @@ def _errors_to_exit() -> Iterator[None]:
     except ClipexportError as exc:
         message = str(exc)
         if exc.resumable and not isinstance(exc, UsageError):
-            message += " (resumable)"
+            job = getattr(exc, "job", None)
+            message += f" (resumable: `clipexport resume {job}`)" if job else " (resumable)"
         _say(f"error: {message}")
         code = EXIT_RESUMABLE if exc.resumable and not isinstance(exc, UsageError) else exc.exit_code
         raise typer.Exit(code) from None
@@ -265,6 +266,9 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             if exc.exit_code != EXIT_RESUMABLE:
                 _say(f"stopped; job {record.id} is kept. Resume: `clipexport resume {record.id}`; "
                      f"cancel: `clipexport cancel {record.id}`")
+            raise
+        except ClipexportError as exc:
+            exc.job = record.id  # type: ignore[attr-defined]  # names the job in the one-line message
             raise
     if mode != "json":
         print(out, flush=True)
