@@ -411,7 +411,7 @@ def test_short_file_repeats_last_frame(clip30: Path) -> None:
 
 
 def test_seek_landing_late_falls_back_to_decoding_from_the_start(monkeypatch, clip24: Path) -> None:
-    real_open = media._open_input
+    real_open = media.decode._open_input
     opened: list[Path] = []
 
     class LateSeeker:  # a demuxer whose seek lands half a second after the target
@@ -438,7 +438,7 @@ def test_seek_landing_late_falls_back_to_decoding_from_the_start(monkeypatch, cl
         return LateSeeker(real_open(path))
 
     plan = one_plan(clip24)
-    monkeypatch.setattr(media, "_open_input", late_open)
+    monkeypatch.setattr(media.decode, "_open_input", late_open)
     assert indices(plan, 20, 10) == list(range(20, 30))
     assert len(opened) == 2
 

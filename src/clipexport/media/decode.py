@@ -1,0 +1,197 @@
+"""Decode: frame-exact reading of a planned clip as upright, cropped, fitted RGB frames.
+
+Conventions (time origin, frame rate and VFR, rotation, odd sizes): see the
+package docstring, :mod:`clipexport.media`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+
+from ..errors import ClipexportError, InputError
+from ._util import _AV_ERRORS, _reason
+from .plan import ClipPlan
+from .probe import _open_input, _video_stream
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _fit(src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Scaled size and offset of ``src`` fitted inside ``dst`` keeping aspect: (w, h, x, y)."""
+    sw, sh = src
+    dw, dh = dst
+    if sw * dh == sh * dw or abs(sw * dh - sh * dw) <= 0.01 * sw * dh:
+        return dw, dh, 0, 0
+    if sw * dh > sh * dw:  # wider: full width, bars top and bottom
+        w, h = dw, max(1, round(sh * dw / sw))
+    else:
+        w, h = max(1, round(sw * dh / sh)), dh
+    return w, h, (dw - w) // 2, (dh - h) // 2
+
+
+def _resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    src_h, src_w = arr.shape[:2]
+    interpolation = "AREA" if (width < src_w and height < src_h) else "BICUBIC"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")
+    return frame.reformat(width=width, height=height, interpolation=interpolation).to_ndarray()
+
+
+class _Converter:
+    """Decoded frame -> upright, cropped, fitted RGB array at the plan's size."""
+
+    def __init__(self, plan: ClipPlan) -> None:
+        self.rotation = plan.info.rotation
+        self.crop = plan.crop
+        self.size = plan.size
+        src = (plan.crop.width, plan.crop.height) if plan.crop else (plan.info.width, plan.info.height)
+        self.src_size = src
+        self.fit = _fit(src, plan.size) if src != plan.size else None
+
+    def __call__(self, frame: Any) -> np.ndarray:
+        kwargs: dict[str, Any] = {"format": "rgb24"}
+        if frame.color_range == 2:  # full-range YUV tagged as such
+            kwargs["src_color_range"] = 2
+        arr = frame.to_ndarray(**kwargs)
+        if self.rotation:
+            arr = np.rot90(arr, k=-(self.rotation // 90))  # negative k: clockwise
+        if self.crop is not None:
+            c = self.crop
+            arr = arr[c.y : c.y + c.height, c.x : c.x + c.width]
+        if arr.shape[1] != self.src_size[0] or arr.shape[0] != self.src_size[1]:
+            # The stream changed size mid-way (or the display size lied): fit what we got.
+            self.fit = _fit((arr.shape[1], arr.shape[0]), self.size)
+        if self.fit is not None:
+            w, h, x, y = self.fit
+            scaled = _resize(arr, w, h)
+            if (w, h) == self.size:
+                arr = scaled
+            else:
+                canvas = np.zeros((self.size[1], self.size[0], 3), np.uint8)
+                canvas[y : y + h, x : x + w] = scaled
+                arr = canvas
+        return np.ascontiguousarray(arr)
+
+
+def read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
+    """Yield exactly ``count`` RGB uint8 frames (H, W, 3), output frames ``start..start+count-1``.
+
+    Frames are upright (rotation applied), cropped, and at ``plan.size``.
+    Frame exact: seeks to the keyframe at or before the time of output frame
+    ``start`` (falling back to decoding from the beginning if the demuxer
+    lands after it), decodes forward and picks frames by pts, so reading
+    ``[0, n)`` then ``[n, m)`` gives exactly the frames of ``[0, m)``.
+
+    If the file holds fewer decodable frames than planned (a header that
+    lied, a damaged tail), the last decoded frame is repeated to make up
+    ``count``: the output keeps its planned length and its audio alignment.
+    Packets the decoder rejects are skipped, as FFmpeg does; a demux failure
+    raises InputError naming the file.
+    """
+    if start < 0 or count < 0 or start + count > plan.frames:
+        raise ValueError(f"read_frames: frames {start}..{start + count} outside the clip's {plan.frames}")
+    if count == 0:
+        return
+    path = plan.info.path
+    try:
+        yield from _read_frames(plan, start, count)
+    except ClipexportError:
+        raise
+    except _AV_ERRORS as exc:
+        raise InputError(f"{path}: cannot read frames ({_reason(exc)})") from exc
+
+
+def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
+    path = plan.info.path
+    convert = _Converter(plan)
+    t0 = plan.start_time
+    fps_t = plan.fps
+    first_target = t0 + Fraction(start) / fps_t
+
+    for attempt in (0, 1):
+        with _open_input(path) as container:
+            v = _video_stream(container)
+            if v is None:
+                raise InputError(f"{path}: no video stream")
+            v.codec_context.thread_type = "AUTO"
+            tb = Fraction(v.time_base)
+            tol = min(Fraction(1, 4) / plan.info.fps, tb)
+            origin = v.start_time
+            if origin is None:
+                origin = _first_pts(container, v)
+                container.seek(0, backward=True)
+                v.codec_context.flush_buffers()
+            seek_pts = origin + math.floor(first_target / tb)
+            sought = attempt == 0 and first_target > 0 and seek_pts > origin
+            if sought:
+                container.seek(seek_pts, stream=v, backward=True)
+            elif attempt == 1 and origin != 0:
+                container.seek(origin, stream=v, backward=True)
+
+            k = start
+            end = start + count
+            cand = None  # the latest frame at or before the current target
+            cand_s: Fraction | None = None
+            cand_arr: np.ndarray | None = None
+            cand_used = False
+            restart = False
+            for frame in _decode(container, v, path):
+                s = (Fraction(frame.pts) - origin) * tb if frame.pts is not None else (
+                    cand_s + 1 / plan.info.fps if cand_s is not None else Fraction(0)
+                )
+                if cand_s is not None and s <= cand_s:
+                    continue  # non-increasing pts: a damaged or duplicate frame
+                if cand is None and s > first_target + tol:
+                    if sought:
+                        restart = True  # the seek landed after the target: decode from the start
+                        break
+                    # Decoding from the start and the first decodable frame comes late
+                    # (leading frames lost): it stands in for the times before it.
+                    cand, cand_s = frame, s
+                while k < end and s > t0 + Fraction(k) / fps_t + tol:
+                    if cand_arr is None:
+                        cand_arr = convert(cand)
+                    yield cand_arr.copy() if cand_used else cand_arr
+                    cand_used = True
+                    k += 1
+                if k >= end:
+                    break
+                if cand is not frame:
+                    cand, cand_s, cand_arr, cand_used = frame, s, None, False
+            if restart:
+                continue
+            if cand is None:
+                raise InputError(f"{path}: no decodable video frames where frame {start} was expected")
+            # End of stream: the remaining targets show the last frame (see docstring).
+            while k < end:
+                if cand_arr is None:
+                    cand_arr = convert(cand)
+                yield cand_arr.copy() if cand_used else cand_arr
+                cand_used = True
+                k += 1
+            return
+
+
+def _first_pts(container: Any, v: Any) -> int:
+    for frame in container.decode(v):
+        if frame.pts is not None:
+            return int(frame.pts)
+    return 0
+
+
+def _decode(container: Any, v: Any, path: Path) -> Iterator[Any]:
+    """Decode the video stream, skipping packets the decoder rejects."""
+    for packet in container.demux(v):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            continue
+        yield from frames

@@ -1,0 +1,282 @@
+"""Probe: what a clip is (:class:`ClipInfo`, :func:`probe`), exact frame counts, truncation checks.
+
+Conventions (time origin, frame rate and VFR, rotation, odd sizes): see the
+package docstring, :mod:`clipexport.media`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import av.error
+
+from ..errors import ClipexportError, InputError
+from ._util import _AV_ERRORS, _reason, _seconds
+
+# Demuxers whose container duration comes from a header or an index (not
+# estimated from the bit rate), so "packets end far before it" means truncation.
+_HEADER_DURATION_FORMATS = ("matroska", "webm", "mov", "mp4", "avi", "flv", "asf", "nut", "mxf")
+
+
+# --------------------------------------------------------------------------- probe
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What :func:`probe` learned about one clip (see the module docstring for conventions)."""
+
+    path: Path
+    width: int  # display size: rotation applied (90/270 swap)
+    height: int
+    fps: Fraction  # average frame rate
+    frames: int  # exact number of video frames (packets) in the file
+    duration: float  # video duration in seconds
+    rotation: int  # clockwise degrees to display upright: 0, 90, 180, 270
+    has_audio: bool
+    audio_codec: str | None
+    size_bytes: int
+    codec: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (fps as "num/den")."""
+        return {
+            "path": str(self.path),
+            "width": self.width,
+            "height": self.height,
+            "fps": f"{self.fps.numerator}/{self.fps.denominator}",
+            "frames": self.frames,
+            "duration": self.duration,
+            "rotation": self.rotation,
+            "has_audio": self.has_audio,
+            "audio_codec": self.audio_codec,
+            "size_bytes": self.size_bytes,
+            "codec": self.codec,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClipInfo:
+        return cls(
+            path=Path(data["path"]),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            fps=Fraction(data["fps"]),
+            frames=int(data["frames"]),
+            duration=float(data["duration"]),
+            rotation=int(data["rotation"]),
+            has_audio=bool(data["has_audio"]),
+            audio_codec=data.get("audio_codec"),
+            size_bytes=int(data["size_bytes"]),
+            codec=str(data["codec"]),
+        )
+
+
+def _video_stream(container: Any) -> Any | None:
+    for stream in container.streams.video:
+        if not (int(stream.disposition) & int(av.stream.Disposition.attached_pic)):
+            return stream
+    return None
+
+
+def _frame_rate(stream: Any) -> Fraction | None:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return Fraction(rate)
+    return None
+
+
+def _index_past_eof(container: Any, size: int) -> bool:
+    """True when a stream's sample index points past the end of the file.
+
+    MP4/MOV (and AVI with an idx1) carry the byte offset of every sample in the
+    header: a file cut short keeps its index, and its last samples lie beyond
+    the file's size. Only the last few entries of each stream are checked.
+    """
+    for stream in container.streams:
+        entries = stream.index_entries
+        n = len(entries)
+        if n == 0:
+            continue
+        for entry in entries[max(0, n - 16) : n]:
+            if entry.pos >= 0 and entry.pos + max(entry.size, 0) > size:
+                return True
+    return False
+
+
+def _count_by_demux(path: Path, container: Any, vindex: int) -> tuple[int, Fraction | None, Fraction | None]:
+    """Demux every packet (no decoding): video frame count, video span, end of all streams.
+
+    Returns (frames, video_duration_seconds, last_end_seconds_relative_to_container_start).
+    Raises InputError when demuxing fails part way (truncated or corrupt file).
+    """
+    frames = 0
+    vfirst: Fraction | None = None
+    vend: Fraction | None = None
+    all_end: Fraction | None = None
+    try:
+        for packet in container.demux():
+            if packet.size == 0:
+                continue
+            ts = packet.pts if packet.pts is not None else packet.dts
+            tb = packet.time_base
+            if ts is not None and tb is not None:
+                start = ts * tb
+                end = (ts + max(packet.duration or 0, 0)) * tb
+                all_end = end if all_end is None else max(all_end, end)
+            else:
+                start = end = None
+            if packet.stream_index == vindex and not packet.is_discard:
+                frames += 1
+                if start is not None:
+                    vfirst = start if vfirst is None else min(vfirst, start)
+                    vend = end if vend is None else max(vend, end)
+    except _AV_ERRORS as exc:
+        raise InputError(
+            f"{path}: corrupt or truncated video, reading failed after {frames} frames ({_reason(exc)})"
+        ) from exc
+    vdur = (vend - vfirst) if (vfirst is not None and vend is not None) else None
+    if all_end is not None and container.start_time is not None:
+        all_end -= Fraction(container.start_time, av.time_base)
+    return frames, vdur, all_end
+
+
+def probe(path: Path) -> ClipInfo:
+    """Read a clip's properties; raise :class:`InputError` (one line naming the file) if unusable.
+
+    Frame count: ``nb_frames`` from the header is trusted only when it agrees
+    (within one frame) with stream duration x average rate *and* the container
+    has a complete per-sample index (MP4/MOV, AVI) that was checked against the
+    file size. Otherwise packets are counted by demuxing the whole file (no
+    decoding; Matroska, MPEG-TS, ...).
+
+    Truncation/corruption rule, documented here because it is a judgement call:
+
+    * the container cannot be opened or demuxing fails part way -> corrupt;
+    * a sample index entry points past the end of the file -> truncated
+      (MP4/MOV with the index at the front, AVI);
+    * when packets are counted and the container's duration comes from its
+      header (Matroska, MP4, AVI, FLV, ...), the last packet ends more than
+      max(3 frames, 2 % of the duration) before that duration -> truncated.
+
+    The first video frame is decoded to read the rotation (display matrix) and
+    to prove the stream decodes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, not a video file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({_reason(exc)})") from exc
+    if size == 0:
+        raise InputError(f"{path}: empty file (0 bytes), not a video")
+    try:
+        return _probe(path, size)
+    except ClipexportError:
+        raise
+    except Exception as exc:  # the last line of defence: no traceback for a bad file
+        raise InputError(f"{path}: not a readable video ({_reason(exc)})") from exc
+
+
+def _open_input(path: Path) -> Any:
+    try:
+        return av.open(str(path), metadata_errors="replace")
+    except _AV_ERRORS as exc:
+        raise InputError(f"{path}: not a readable video ({_reason(exc)})") from exc
+
+
+def _probe(path: Path, size: int) -> ClipInfo:
+    with _open_input(path) as container:
+        v = _video_stream(container)
+        if v is None:
+            if container.streams.audio:
+                raise InputError(f"{path}: no video stream (audio only)")
+            raise InputError(f"{path}: no video stream")
+        ctx = v.codec_context
+        codec = ctx.name if ctx is not None else (v.codec.name if v.codec else "unknown")
+        fps = _frame_rate(v)
+        if fps is None:
+            raise InputError(f"{path}: video stream has no frame rate")
+        audio = container.streams.audio[0] if container.streams.audio else None
+        has_audio = audio is not None and audio.codec_context is not None
+        audio_codec = audio.codec_context.name if has_audio else None
+        vindex = v.index
+        coded_w, coded_h = (ctx.width, ctx.height) if ctx is not None else (0, 0)
+
+        if _index_past_eof(container, size):
+            raise InputError(f"{path}: truncated video (its index points past the end of the file)")
+
+        tb = v.time_base
+        stream_dur = Fraction(v.duration) * tb if (v.duration and tb) else None
+        nb = v.frames or 0
+        index_complete = len(v.index_entries) >= nb > 0
+        frames: int
+        duration: Fraction | None
+        if nb > 0 and stream_dur is not None and index_complete and abs(nb - stream_dur * fps) <= 1:
+            frames, duration = nb, stream_dur
+        else:
+            frames, vdur, all_end = _count_by_demux(path, container, vindex)
+            duration = stream_dur or vdur
+            header = container.duration
+            fmt = container.format.name if container.format else ""
+            if (
+                frames > 0
+                and header
+                and all_end is not None
+                and any(name in fmt for name in _HEADER_DURATION_FORMATS)
+            ):
+                header_s = Fraction(header, av.time_base)
+                tolerance = max(3 / fps, header_s / 50)
+                if header_s - all_end > tolerance:
+                    raise InputError(
+                        f"{path}: truncated video (data ends at {_seconds(all_end)} "
+                        f"of {_seconds(header_s)})"
+                    )
+        if frames == 0:
+            raise InputError(f"{path}: the video stream has no frames")
+        if duration is None or duration <= 0:
+            duration = Fraction(frames) / fps
+
+    # Decode the first frame in a fresh container: proves decodability, gives rotation.
+    with _open_input(path) as container:
+        v = _video_stream(container)
+        first = None
+        try:
+            for packet in container.demux(v):
+                try:
+                    decoded = packet.decode()
+                except av.error.InvalidDataError:
+                    continue
+                if decoded:
+                    first = decoded[0]
+                    break
+            if first is None:
+                decoded = v.decode(None) if v.codec_context is not None else []
+                first = decoded[0] if decoded else None
+        except _AV_ERRORS as exc:
+            raise InputError(f"{path}: cannot decode the video ({_reason(exc)})") from exc
+        if first is None:
+            raise InputError(f"{path}: the video stream has no decodable frames")
+        ccw = first.rotation or 0
+        rotation = int(round(-float(ccw) / 90.0)) * 90 % 360
+        width, height = coded_w or first.width, coded_h or first.height
+    if rotation in (90, 270):
+        width, height = height, width
+    return ClipInfo(
+        path=path,
+        width=int(width),
+        height=int(height),
+        fps=fps,
+        frames=int(frames),
+        duration=float(duration),
+        rotation=rotation,
+        has_audio=has_audio,
+        audio_codec=audio_codec,
+        size_bytes=size,
+        codec=codec,
+    )
