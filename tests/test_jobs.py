@@ -96,3 +96,24 @@ def test_many_writers_at_once_lose_nothing(tmp_path):
     for job in jobs:
         assert len(store.facts(job, "n:")) == 50
         assert store.get(job).last_seq == 49
+
+
+def test_processes_creating_the_store_at_once_all_succeed(tmp_path):
+    """A fresh database opened by several processes at the same moment (renders started together)."""
+    import subprocess
+    import sys
+
+    import time
+
+    code = (
+        "import sys, time; from pathlib import Path; from clipexport.jobs import JobSpec, JobStore; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); "  # all open the new database at one moment
+        "JobStore(Path(sys.argv[1])).create(JobSpec(inputs=['/a.mp4'], output='/o.mp4', model='m', scale=2))"
+    )
+    for round_ in range(3):
+        root, start = tmp_path / f"round-{round_}", time.time() + 1.5
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(root), str(start)], stderr=subprocess.PIPE,
+                                  text=True) for _ in range(6)]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 6, errors
+        assert len(JobStore(root).all()) == 6

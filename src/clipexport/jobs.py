@@ -113,9 +113,26 @@ class JobStore:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "jobs.db"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+        self._create()
+
+    def _create(self, tries: int = 100) -> None:
+        """Switch to WAL and create the tables, once, whoever comes first.
+
+        Two processes opening a new database at the same moment race for the
+        journal-mode switch, which SQLite answers with "locked" at once rather
+        than through the busy timeout: retry for a few seconds.
+        """
+        for attempt in range(tries):
+            try:
+                with self._connect() as db:
+                    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                        db.execute("PRAGMA journal_mode=WAL")
+                    db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == tries - 1:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
