@@ -128,6 +128,11 @@ def test_signal_stops_cleanly_and_resume_finishes(tmp_path, clip, clipexport_hom
     assert "Traceback" not in stderr
     assert store.get(job).state == JobState.INTERRUPTED
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+    shown = subprocess.run([*CLI, "status", job, "--json"], capture_output=True, text=True, timeout=60)
+    status = json.loads(shown.stdout)
+    assert status["state"] == "interrupted" and status["remaining_s"] is None
+    assert status["eta_text"] == f"interrupted: `clipexport resume {job}`"
+    assert 0 < status["fraction"] < 1
 
     done = subprocess.run([*CLI, "resume", job, "--progress", "none"], capture_output=True, text=True, timeout=DEADLINE_S)
     assert done.returncode == 0, done.stderr

@@ -8,6 +8,7 @@ a user.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -344,7 +345,14 @@ def _snapshot(store: JobStore, record: JobRecord, now: float) -> Any:
     if path.exists():
         for event in events.read_events(path):
             tracker.feed(event)
-    return tracker.snapshot(now)
+    snap = tracker.snapshot(now)
+    state = _state(record)
+    if state in ("interrupted", "failed"):  # nothing runs: no time remains to count down
+        hint = f"{state}: `clipexport resume {record.id}`"
+        return dataclasses.replace(snap, remaining_s=None, eta_text=hint)
+    if state == "cancelled":
+        return dataclasses.replace(snap, remaining_s=None, eta_text="cancelled")
+    return snap
 
 
 def _state(record: JobRecord) -> str:
