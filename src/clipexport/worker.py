@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ class FrameUpscaler(Protocol):
 
     scale: int
 
-    def stream(self, frames: Any, *, batch: int = 4) -> Iterator[Any]: ...
+    def stream(self, frames: Any, *, batch: int = 4) -> Generator[Any, None, None]: ...
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,14 @@ def _encode_frames(
     width, height = clip.size
     frames = read_frames(clip, seg.start, seg.count)
     done, throttle = 0, Throttle(clock=clock)
-    with VideoWriter(tmp, width * scale, height * scale, clip.fps, codec=task.codec, crf=task.crf) as writer:
-        for frame in upscaler.stream(frames):
+    # `closing` stops the model's threads as soon as anything goes wrong here
+    # (Ctrl-C included): a traceback would otherwise keep the stream alive,
+    # and a process exiting with torch mid-batch in another thread aborts.
+    with (
+        VideoWriter(tmp, width * scale, height * scale, clip.fps, codec=task.codec, crf=task.crf) as writer,
+        closing(upscaler.stream(frames)) as upscaled,
+    ):
+        for frame in upscaled:
             writer.write(frame)
             done += 1
             if throttle.ready():

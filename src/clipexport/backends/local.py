@@ -20,6 +20,7 @@ from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
 
 HEARTBEAT_S = 1.0
+LOAD_GRACE_S = 30.0  # how long a stop waits for a model load in progress
 
 Loader = Callable[[Callable[[int, int | None], None]], FrameUpscaler]
 
@@ -87,10 +88,14 @@ class LocalBackend:
 
         thread = threading.Thread(target=load, name="load-model", daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(HEARTBEAT_S)
-            if thread.is_alive():
-                emit(_heartbeat(download))
+        try:
+            while thread.is_alive():
+                thread.join(HEARTBEAT_S)
+                if thread.is_alive():
+                    emit(_heartbeat(download))
+        except BaseException:  # Ctrl-C: let torch finish loading before the process exits
+            thread.join(LOAD_GRACE_S)
+            raise
         if "error" in result:
             raise result["error"]
         emit({"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3)})
