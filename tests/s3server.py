@@ -388,12 +388,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="session")
     def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-        """One HTTP SeaweedFS per test session."""
-        if shutil.which("weed") is None:
-            try:
-                weed_binary()
-            except RuntimeError as exc:
-                pytest.skip(str(exc))
+        """One HTTP SeaweedFS per test session (the test extra installs it: no skipping)."""
         with SeaweedServer(tmp_path_factory.mktemp("seaweed")) as server:
             yield server
 

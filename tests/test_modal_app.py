@@ -196,8 +196,7 @@ def _cli_has_modal() -> bool:
 
 
 def test_cli_without_token_fails_fast_and_clearly(tmp_path):
-    if not _cli_has_modal():
-        pytest.skip("render has no --backend flag yet")
+    assert _cli_has_modal(), "render --help shows no --backend flag"
     from tests.clips import make_clip
 
     clip = make_clip(tmp_path / "clip.mp4", frames=6)
