@@ -27,7 +27,6 @@ total; decreases of the shown fraction; upward jumps of the ETA of more than
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
