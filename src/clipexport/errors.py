@@ -24,7 +24,6 @@ Messages never contain credentials: they name the file, endpoint or job.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RESUMABLE = 75

@@ -41,7 +41,6 @@ ALLOWED: dict[JobState, set[JobState]] = {
     JobState.DONE: set(),
     JobState.CANCELLED: set(),
 }
-ACTIVE = (JobState.RUNNING,)
 RESUMABLE = (JobState.RUNNING, JobState.INTERRUPTED, JobState.FAILED)
 
 

@@ -327,9 +327,10 @@ class JobRunner:
         return tasks
 
     def _count_finished(self, seg: Segment) -> None:
+        attempt = self.store.fact(self.job, f"attempt:{seg.name}") or 1
         for phase in ("upscale", "encode"):
             self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
-                         attempt=self.store.fact(self.job, f"attempt:{seg.name}") or 1, skipped=True)
+                         attempt=attempt, skipped=True)
 
     def _finalize(self, prepared: Prepared, out: Path, tmp: Path) -> None:
         self.emitter("phase_start", phase="finalize")
