@@ -41,8 +41,23 @@ def _seq(event: Event) -> float:
     return math.inf  # an unstamped event is taken as the newest
 
 
+class _Span:
+    """What starts and ends: `start_t` and `end_t` stay None until it does."""
+
+    start_t: float | None
+    end_t: float | None
+
+    @property
+    def started(self) -> bool:
+        return self.start_t is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.end_t is not None
+
+
 @dataclass
-class PartState:
+class PartState(_Span):
     """One `part` of a phase (a segment, a clip, a container), or the whole phase."""
 
     key: str | None
@@ -64,14 +79,6 @@ class PartState:
     lost_done: float = 0.0  # work done by earlier attempts (redone since)
     lost_time: float = 0.0  # time those attempts ran
     out_bytes: float | None = None  # size of what the part produced (encode's `bytes`)
-
-    @property
-    def started(self) -> bool:
-        return self.start_t is not None
-
-    @property
-    def ended(self) -> bool:
-        return self.end_t is not None
 
     @property
     def cadence(self) -> float | None:
@@ -109,7 +116,7 @@ class PartState:
 
 
 @dataclass
-class PhaseState:
+class PhaseState(_Span):
     """One phase: plan facts, whole-phase markers and its parts."""
 
     name: str
@@ -124,14 +131,6 @@ class PhaseState:
     parts: dict[str, PartState] = field(default_factory=dict)
     detail: str | None = None  # latest heartbeat detail
     detail_t: float | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.start_t is not None
-
-    @property
-    def ended(self) -> bool:
-        return self.end_t is not None
 
     @property
     def done(self) -> float:
