@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -145,24 +146,27 @@ def make_clip(
     if audio:
         astream = container.add_stream(audio_codec, rate=audio_rate, layout=audio_layout)
         astream.codec_context.bit_rate = 96000
-    for i in range(count):
-        img = index_image(i, width, height) if index_blocks else _noise_image(i, width, height)
-        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-        frame.pts = pts_list[i]
-        frame.time_base = stream.codec_context.time_base
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
+    def video_frames():
+        for i in range(count):
+            img = index_image(i, width, height) if index_blocks else _noise_image(i, width, height)
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = pts_list[i]
+            frame.time_base = stream.codec_context.time_base
+            yield frame
+
+    _encode_all(container, stream, video_frames())
     if astream is not None:
         samples = round(duration * audio_rate)
-        for frame in _audio_frames(samples, audio_rate, audio_layout, tone, audio_codec, tone_start):
-            for packet in astream.encode(frame):
-                container.mux(packet)
-        for packet in astream.encode(None):
-            container.mux(packet)
+        _encode_all(container, astream, _audio_frames(samples, audio_rate, audio_layout, tone, audio_codec, tone_start))
     container.close()
     return path
+
+
+def _encode_all(container: Any, stream: Any, frames: Any) -> None:
+    """Encode and mux every frame, then flush the encoder."""
+    for frame in frames:
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
 
 
 def make_audio_only(path: Path, *, seconds: float = 1.0, rate: int = 48000) -> Path:
@@ -170,11 +174,7 @@ def make_audio_only(path: Path, *, seconds: float = 1.0, rate: int = 48000) -> P
     path = Path(path)
     container = av.open(str(path), "w", format=_FORMATS.get(path.suffix.lower(), "mp4"))
     astream = container.add_stream("aac", rate=rate, layout="stereo")
-    for frame in _audio_frames(round(seconds * rate), rate, "stereo", 440.0, "aac"):
-        for packet in astream.encode(frame):
-            container.mux(packet)
-    for packet in astream.encode(None):
-        container.mux(packet)
+    _encode_all(container, astream, _audio_frames(round(seconds * rate), rate, "stereo", 440.0, "aac"))
     container.close()
     return path
 
@@ -186,11 +186,7 @@ def make_no_frames(path: Path) -> Path:
     stream = container.add_stream("libx264", rate=24)
     stream.width, stream.height, stream.pix_fmt = 64, 36, "yuv420p"
     astream = container.add_stream("aac", rate=48000, layout="stereo")
-    for frame in _audio_frames(48000 // 4, 48000, "stereo", 440.0, "aac"):
-        for packet in astream.encode(frame):
-            container.mux(packet)
-    for packet in astream.encode(None):
-        container.mux(packet)
+    _encode_all(container, astream, _audio_frames(48000 // 4, 48000, "stereo", 440.0, "aac"))
     container.close()
     return path
 
