@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 PIP := $(PY) -m pip install -q --disable-pip-version-check $(FIND_LINKS)
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-stress bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,7 +20,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/clipexport render examples/sample.mp4 -o examples/sample-x2.mp4 --scale 2 --force
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not stress"
+
+# Stress loops (repeated kills, concurrent resumes): slow, so apart from `make test`; CI runs both.
+# pytest exits 5 when no test carries the marker.
+test-stress: $(VENV)/.installed
+	$(PY) -m pytest -m stress || [ $$? -eq 5 ]
 
 bench: $(VENV)/.installed
 	$(PY) bench/upscale_fps.py
