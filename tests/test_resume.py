@@ -127,6 +127,8 @@ def test_signal_stops_cleanly_and_resume_finishes(tmp_path, clip, clipexport_hom
         assert f"clipexport resume {job}" in stderr and f"clipexport cancel {job}" in stderr
     assert "Traceback" not in stderr
     assert store.get(job).state == JobState.INTERRUPTED
+    stopped = [e for e in joined_log(clipexport_home, job) if e["type"] == "interrupted"]
+    assert [(e["exit_code"], e["resumable"]) for e in stopped] == [(code, True)]
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     shown = subprocess.run([*CLI, "status", job, "--json"], capture_output=True, text=True, timeout=60)
     status = json.loads(shown.stdout)

@@ -1,6 +1,6 @@
 """The progress event contract (version 1): stamping, validation, the log.
 
-Every part of the tool speaks this contract (`shared/progress-events.md`).
+Every part of the tool speaks this contract (`docs/progress-events.md`).
 Producers (the worker, transfers, the orchestrator) build *partial* events,
 plain dicts with `type`, `phase`, `part`, `done`, ... ; an `Emitter` stamps
 them with `v`, `job`, `seq` and `t` and hands them to its sinks (the event
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 VERSION = 1
-TYPES = ("plan", "phase_start", "progress", "heartbeat", "phase_end", "done", "error", "cancelled")
+TYPES = ("plan", "phase_start", "progress", "heartbeat", "phase_end", "done", "error", "cancelled",
+         "interrupted", "snapshot")
 PHASES = ("prepare", "upload", "queue", "load_model", "upscale", "encode", "download", "finalize")
 TERMINAL_TYPES = ("done", "error", "cancelled")
 LOGGED_TYPES = ("phase_start", "phase_end", "done", "error")
@@ -164,8 +165,10 @@ def validate_event(event: Event) -> None:
         raise ValueError(f"progress event without a numeric done: {event!r}")
     if event["type"] == "done" and not isinstance(event.get("output"), str):
         raise ValueError("done event without an output path")
-    if event["type"] == "error" and not isinstance(event.get("resumable"), bool):
-        raise ValueError("error event without a resumable flag")
+    if event["type"] in ("error", "interrupted") and not isinstance(event.get("resumable"), bool):
+        raise ValueError(f"{event['type']} event without a resumable flag")
+    if event["type"] == "snapshot" and not isinstance(event.get("fraction"), (int, float)):
+        raise ValueError("snapshot event without a numeric fraction")
 
 
 def _validate_plan(event: Event) -> None:

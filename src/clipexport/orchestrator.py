@@ -157,7 +157,9 @@ def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: st
         "out_height": height * spec.scale,
         "duration_s": round(frames / float(first.fps), 3),
     }
-    return {"type": "plan", "phases": phases, "features": features}
+    # inputs and output name the job for the display's header (extra fields: the contract allows them)
+    return {"type": "plan", "phases": phases, "features": features,
+            "inputs": list(spec.inputs), "output": spec.output}
 
 
 class JobRunner:
@@ -348,6 +350,7 @@ class JobRunner:
         self.emitter("done", output=str(out), elapsed=round(time.time() - plan_t, 3))
 
     def _stopped(self, exc: Interrupted) -> None:
+        self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
         self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
         raise exc
 

@@ -36,17 +36,26 @@ def upload_inputs(
     started, keys = time.monotonic(), []
     for index, (path, sha, size) in enumerate(zip(paths, hashes, sizes), 1):
         key = content_key(sha, path.suffix.lower())
+        found = storage.stat(key)
+        stored = found is not None and found.size == size and found.sha256 == sha  # put_file will skip it
         _transfer(emit, "upload", f"clip-{index:02d}", size,
-                  lambda progress: storage.put_file(key, path, progress=progress, state=state, sha256=sha))
+                  lambda progress: storage.put_file(key, path, progress=progress, state=state, sha256=sha),
+                  skipped=stored)
         keys.append(key)
     emit({"type": "phase_end", "phase": "upload", "unit": "bytes", "done": total, "total": total,
           "elapsed": round(time.monotonic() - started, 3)})
     return keys
 
 
-def _transfer(emit: Emit, phase: str, part: str, size: int, run: Callable[[Callable[[int], None]], Any]) -> None:
-    """Run one transfer with throttled, cumulative progress for its part."""
-    common = {"phase": phase, "part": part, "unit": "bytes", "total": size, "attempt": 1}
+def _transfer(emit: Emit, phase: str, part: str, size: int, run: Callable[[Callable[[int], None]], Any],
+              *, skipped: bool = False) -> None:
+    """Run one transfer with throttled, cumulative progress for its part.
+
+    `skipped` (the object is already there) goes on every event of the part,
+    so the display can say so instead of showing an instant transfer.
+    """
+    common = {"phase": phase, "part": part, "unit": "bytes", "total": size, "attempt": 1,
+              **({"skipped": True} if skipped else {})}
     emit({"type": "phase_start", **common})
     started, throttle = time.monotonic(), Throttle()
 

@@ -8,45 +8,57 @@ as the view wants. `handle` may be called from any thread (one lock guards
 the tracker and the drawing). Use it as a context manager, or call `close()`
 for the final render.
 
-- ``rich``: a Live multi-row view on stderr (one row per phase in its own
-  unit, an overall row with elapsed time and the ETA in words), refreshed on
-  its own timer so the countdown moves between events.
-- ``plain``: timestamped lines, one at each phase change and one every few
-  seconds, never an animation: what a log file or CI wants.
-- ``json``: each event as one NDJSON line on stdout, for machines.
+- ``rich``: a Live view on stderr (`ProgressView`: a header, one row per
+  phase in its own unit, an overall row with elapsed time and the ETA in
+  words, a summary at the end), laid out for the terminal's width and
+  refreshed on its own timer so the countdown moves between events.
+- ``plain``: timestamped lines, one at each phase change and a status line
+  every few seconds (adaptive, see `line_interval`), never an animation: what
+  a log file, CI or a terminal without cursor control (TERM=dumb) wants.
+- ``json``: each event as one NDJSON line on stdout, and a periodic
+  `snapshot` line (fraction, remaining time), for machines.
 - ``none``: feeds the tracker, shows nothing.
+
+The events are those of the contract in `docs/progress-events.md`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import IO, Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .text import amount, clock, rate_text
-from .tracker import PhaseRow, Snapshot, Tracker
+from .text import amount, clock, header_parts, pack, rate_text, skip_notes, summary_parts
+from ..events import VERSION
+from .tracker import PhaseRow, Snapshot, Tracker, job_info
 
 MODES = ("auto", "rich", "plain", "json", "none")
 Clock = Callable[[], float]
 
 
-def choose_mode(mode: str, isatty: bool) -> str:
-    """Resolve 'auto': Rich on a terminal, plain lines otherwise."""
+DUMB_TERMS = ("dumb", "unknown")  # no cursor control: an animation would print frame after frame
+
+
+def choose_mode(mode: str, isatty: bool, term: str | None = None) -> str:
+    """Resolve 'auto': Rich on a terminal with cursor control, plain lines otherwise."""
     if mode not in MODES:
         raise ValueError(f"unknown display mode {mode!r}; choose one of {', '.join(MODES)}")
     if mode == "auto":
-        return "rich" if isatty else "plain"
+        return "rich" if isatty and (term or "").lower() not in DUMB_TERMS else "plain"
     return mode
 
 
@@ -58,22 +70,25 @@ def make_display(
     clock: Clock = time.time,
     refresh: bool = True,
     console: Console | None = None,
+    interval: float | None = None,
 ) -> Display:
-    """The display for `mode` ("rich", "plain", "json", "none"; "auto" picks by TTY).
+    """The display for `mode` ("rich", "plain", "json", "none"; "auto" picks by TTY and TERM).
 
     `stream` replaces stderr (stdout for json). `refresh=False` turns off the
-    background timers (tests drive `tick()` by hand).
+    background timers (tests drive `tick()` by hand). `interval` fixes the
+    seconds between periodic plain lines and JSON snapshots (None: adaptive,
+    see `line_interval`).
     """
     if mode == "auto":
         target = stream if stream is not None else sys.stderr
-        mode = choose_mode("auto", bool(getattr(target, "isatty", lambda: False)()))
+        mode = choose_mode("auto", bool(getattr(target, "isatty", lambda: False)()), os.environ.get("TERM"))
     mode = choose_mode(mode, False)
     if mode == "rich":
         return RichDisplay(tracker, clock=clock, stream=stream, refresh=refresh, console=console)
     if mode == "plain":
-        return PlainDisplay(tracker, clock=clock, stream=stream, refresh=refresh)
+        return PlainDisplay(tracker, clock=clock, stream=stream, refresh=refresh, interval=interval)
     if mode == "json":
-        return JsonDisplay(tracker, clock=clock, stream=stream)
+        return JsonDisplay(tracker, clock=clock, stream=stream, refresh=refresh, interval=interval)
     return Display(tracker, clock=clock)
 
 
@@ -121,17 +136,120 @@ class Display:
         self.close()
 
 
-class JsonDisplay(Display):
-    """Each event as one line of JSON on stdout."""
+FIRST_S = 30.0  # the first half minute of a job: a periodic line every MIN_INTERVAL_S
+MIN_INTERVAL_S = 5.0
+MAX_INTERVAL_S = 30.0
 
-    def __init__(self, tracker: Tracker, *, clock: Clock = time.time, stream: IO[str] | None = None) -> None:
+
+def line_interval(elapsed: float, remaining: float | None) -> float:
+    """Seconds between periodic lines: frequent at first, then about 1 % of
+    the job's expected length, between 5 and 30 s (an hour's job writes
+    about 120 lines, not 720)."""
+    if elapsed < FIRST_S:
+        return MIN_INTERVAL_S
+    ahead = remaining if remaining is not None and math.isfinite(remaining) and remaining > 0 else 0.0
+    return min(max((elapsed + ahead) / 100.0, MIN_INTERVAL_S), MAX_INTERVAL_S)
+
+
+class _Cadence:
+    """When the next periodic line is due: every `fixed` seconds, or by `line_interval`."""
+
+    def __init__(self, fixed: float | None = None) -> None:
+        self.fixed = fixed
+        self.last: float | None = None
+
+    def due(self, now: float, snapshot: Callable[[], Snapshot]) -> Snapshot | None:
+        """The snapshot to write now, or None; the first line comes one interval in."""
+        if self.last is None:
+            self.last = now
+            return None
+        since = now - self.last
+        if since < (self.fixed if self.fixed is not None else MIN_INTERVAL_S):
+            return None
+        snap = snapshot()
+        if self.fixed is None and since < line_interval(snap.elapsed, snap.remaining_s):
+            return None
+        self.last = now
+        return snap
+
+
+def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
+    """A snapshot as JSON fields: the `snapshot` event's and `status --json`'s.
+
+    The 80 % range of the remaining time comes along when the estimator
+    gives one (`remaining_lo_s`, `remaining_hi_s`).
+    """
+    fields: dict[str, Any] = {
+        "fraction": round(snap.fraction, 4),
+        "elapsed": round(snap.elapsed, 1),
+        "remaining_s": _round1(snap.remaining_s),
+    }
+    for name in ("remaining_lo_s", "remaining_hi_s"):
+        value = getattr(snap, name, None)
+        if value is not None:
+            fields[name] = _round1(value)
+    fields["eta_text"] = snap.eta_text
+    fields["phases"] = [{"phase": r.phase, "state": r.state, "unit": r.unit, "done": r.done, "total": r.total}
+                        for r in snap.phases]
+    return fields
+
+
+def _round1(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+class JsonDisplay(Display):
+    """Each event as one line of JSON on stdout, and a periodic `snapshot` line.
+
+    A snapshot is a view, not a job event: it never enters the event log,
+    and its `seq` is that of the latest event it accounts for.
+    """
+
+    def __init__(self, tracker: Tracker, *, clock: Clock = time.time, stream: IO[str] | None = None,
+                 interval: float | None = None, refresh: bool = True) -> None:
         super().__init__(tracker, clock=clock)
         self.stream = stream
+        self._cadence = _Cadence(interval)
+        self._final = False
+        self._ticker = _Ticker(_tick_period(interval), self.tick) if refresh else None
+
+    def _line(self, value: dict[str, Any]) -> None:
+        out = self.stream if self.stream is not None else sys.stdout
+        out.write(json.dumps(value, separators=(",", ":")) + "\n")
+        out.flush()
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        out = self.stream if self.stream is not None else sys.stdout
-        out.write(json.dumps(event, separators=(",", ":")) + "\n")
-        out.flush()
+        self._line(event)
+        if event.get("type") in FINAL_TYPES:
+            self._final = True
+        else:
+            self._periodic(self.clock())
+
+    def _periodic(self, now: float) -> None:
+        if self._final or self.tracker.state.max_seq < 0:
+            return
+        snap = self._cadence.due(now, lambda: self.tracker.snapshot(now))
+        if snap is not None:
+            st = self.tracker.state
+            self._line({"v": VERSION, "job": st.job, "seq": int(st.max_seq), "t": round(now, 3), "type": "snapshot",
+                        **snapshot_fields(snap)})
+
+    def tick(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._periodic(self.clock())
+
+    def _on_close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+
+
+FINAL_TYPES = ("done", "error", "cancelled", "interrupted")
+
+
+def _tick_period(interval: float | None) -> float:
+    """How often a timer asks whether a line is due."""
+    return min(1.0, interval) if interval is not None else 1.0
 
 
 class _Ticker:
@@ -183,10 +301,13 @@ def status_line(snap: Snapshot) -> str:
 
 
 class PlainDisplay(Display):
-    """Timestamped lines: at each phase change and every `interval` seconds.
+    """Timestamped lines: the header, each phase change, notes on work served
+    from earlier runs, a periodic status line (every `interval` seconds, or
+    by `line_interval` when None) and a final line with the summary.
 
     Lines look like::
 
+        12:00:00  clip.mp4 → out.mp4 · 1280x720 → 2560x1440 · realesr-animevideov3 · L4 · modal
         12:00:05  upload started
         12:00:10   12% · upload 30.2/48.2 MB, 3.1 MB/s · 0:00:10 elapsed · About 3 minutes remaining
         12:00:16  upload done in 0:00:11
@@ -198,19 +319,19 @@ class PlainDisplay(Display):
         *,
         clock: Clock = time.time,
         stream: IO[str] | None = None,
-        interval: float = 5.0,
+        interval: float | None = None,
         refresh: bool = True,
         tz: tzinfo | None = None,
     ) -> None:
         super().__init__(tracker, clock=clock)
         self.stream = stream
-        self.interval = interval
         self.tz = tz
-        self._last_line: float | None = None
+        self._cadence = _Cadence(interval)
         self._started: set[str] = set()
         self._ended: set[str] = set()
+        self._noted: set[str] = set()
         self._final = False
-        self._ticker = _Ticker(interval, self.tick) if refresh else None
+        self._ticker = _Ticker(_tick_period(interval), self.tick) if refresh else None
 
     def _write(self, now: float, text: str) -> None:
         stamp = datetime.fromtimestamp(now, self.tz).strftime("%H:%M:%S")
@@ -223,26 +344,41 @@ class PlainDisplay(Display):
         typ = event.get("type")
         phase = event.get("phase")
         whole = "part" not in event and isinstance(phase, str)
-        if typ == "phase_start" and whole and phase not in self._started:
+        if typ == "plan" and not self._started:
+            header = header_parts(job_info(self.tracker.state))
+            if header:
+                self._write(now, " · ".join(header))
+        elif typ == "phase_start" and whole and phase not in self._started:
             self._started.add(phase)
+            self._notes(now)
             self._write(now, f"{phase} started")
-            return
-        if typ == "phase_end" and whole and phase not in self._ended:
+        elif typ == "phase_end" and whole and phase not in self._ended:
             self._ended.add(phase)
             elapsed = event.get("elapsed")
             took = f" in {clock(elapsed)}" if isinstance(elapsed, (int, float)) else ""
             self._write(now, f"{phase} done{took}")
-            return
-        if typ in ("done", "error", "cancelled"):
+            self._notes(now)
+        elif typ == "interrupted":
+            self._write(now, f"stopped after {clock(self.tracker.snapshot(now).elapsed)}; the job is resumable")
+            self._final = True
+        elif typ in ("done", "error", "cancelled"):
             self._final_line(now)
-            return
-        self._periodic(now)
+        else:
+            self._periodic(now)
+
+    def _notes(self, now: float) -> None:
+        """Each note on skipped work once, as soon as a phase change shows it."""
+        snap = self.tracker.snapshot(now)
+        for note in skip_notes(snap.phases, snap.info):
+            if note not in self._noted:
+                self._noted.add(note)
+                self._write(now, note)
 
     def _final_line(self, now: float) -> None:
         snap = self.tracker.snapshot(now)
         if snap.state == "done":
-            where = f" → {snap.message}" if snap.message else ""
-            self._write(now, f"100% · done in {clock(snap.elapsed)}{where}")
+            where = [f"done → {snap.message}"] if snap.message else ["done"]
+            self._write(now, " · ".join(["100%", *where, *summary_parts(snap.info, snap.elapsed)]))
         elif snap.state == "error":
             self._write(now, f"failed after {clock(snap.elapsed)}: {snap.message or 'unknown error'}")
         elif snap.state == "cancelled":
@@ -250,17 +386,13 @@ class PlainDisplay(Display):
         else:
             return
         self._final = True
-        self._last_line = now
 
     def _periodic(self, now: float) -> None:
         if self._final:
             return
-        if self._last_line is None:
-            self._last_line = now  # the first status line comes one interval in
-            return
-        if now - self._last_line >= self.interval:
-            self._last_line = now
-            self._write(now, status_line(self.tracker.snapshot(now)))
+        snap = self._cadence.due(now, lambda: self.tracker.snapshot(now))
+        if snap is not None:
+            self._write(now, status_line(snap))
 
     def tick(self) -> None:
         with self._lock:
@@ -282,9 +414,7 @@ class PlainDisplay(Display):
 
 
 class RichDisplay(Display):
-    """A Live view: one row per phase, then the overall row."""
-
-    BAR_WIDTH = 30
+    """A Live view of `ProgressView`: header, one row per phase, the overall row, the summary."""
 
     def __init__(
         self,
@@ -330,7 +460,7 @@ class RichDisplay(Display):
 
     def _renderable(self) -> RenderableType:
         with self._lock:
-            return render_snapshot(self.tracker.snapshot(self.clock()), self.BAR_WIDTH)
+            return render_snapshot(self.tracker.snapshot(self.clock()))
 
     def _on_close(self) -> None:
         if self._live_started:
@@ -349,42 +479,168 @@ class RichDisplay(Display):
 
 _STYLE = {"done": "green", "running": "cyan", "waiting": "yellow", "pending": "dim"}
 
+WIDE_MIN = 90  # narrower consoles get the compact layout: the bars leave the phase rows
+NAME_W, PCT_W = 10, 4  # "load_model", "100%"
+ETA_W = 35  # the longest ETA in words: "About 23 hours 50 minutes remaining"
+WHAT_MIN = 16  # "0:01:35 elapsed", "576/1,440 frames"
+BAR_MIN, BAR_MAX = 10, 40
+LAG_S = 5.0  # encode's lag behind upscale is shown once it is worth this many seconds of upscaling
 
-def render_snapshot(snap: Snapshot, bar_width: int = 30) -> RenderableType:
-    """The Rich rows of a snapshot (also used by `clipexport status`)."""
-    grid = Table.grid(padding=(0, 1))
-    grid.add_column(no_wrap=True, min_width=10)  # phase
-    grid.add_column(no_wrap=True, width=bar_width)  # bar
-    grid.add_column(no_wrap=True, justify="right", width=4)  # percent
-    grid.add_column(no_wrap=True)  # amount / elapsed
-    grid.add_column(no_wrap=True)  # rate / detail / eta
+
+@dataclass(frozen=True)
+class _Row:
+    """One row as text: every layout draws these, so the layouts cannot disagree."""
+
+    name: str
+    state: str  # a key of _STYLE, or the job's state for the overall row
+    fraction: float | None  # None: work of unknown size (a pulse)
+    pct: str
+    what: str  # work done in its own unit, or the state
+    info: str  # rate, detail or ETA
+    width: int  # the widest `what` this row can take (its total done), so columns keep still
+    note: str = ""  # encode's lag: after the info, or under it where the line is too narrow
+
+    @property
+    def info_note(self) -> str:
+        return f"{self.info} · {self.note}" if self.info and self.note else self.info or self.note
+
+
+def _phase_row(row: PhaseRow, note: str = "") -> _Row:
+    frac = row.fraction if row.state != "pending" else 0.0
+    pct = percent(row.fraction).strip() if row.fraction is not None and row.state != "pending" else ""
+    if row.unit is None:
+        what = row.state
+        info = row.detail or ""
+    else:
+        what = amount(row.done, row.total, row.unit) if row.state != "pending" else "pending"
+        info = rate_text(row.rate, row.unit) if row.state == "running" else (row.detail or "")
+    top = max(row.done, row.total or 0.0)
+    width = len(amount(top, row.total, row.unit)) if row.unit is not None else len(what)
+    return _Row(row.phase, row.state, frac, pct, what, info, max(width, len(what)), note)
+
+
+def _upscale_row(up: PhaseRow, enc: PhaseRow) -> _Row:
+    """Upscale and encode as one row: they run together, frame by frame.
+
+    Encoding left after the last upscaled frame shows as encode's own count;
+    before that, encode's lag shows once it is worth `LAG_S` of upscaling.
+    """
+    if up.state == "done" and enc.state == "running":
+        return _phase_row(dataclasses.replace(enc, phase=up.phase), "encoding")
+    note = ""
+    lag = up.done - enc.done
+    if enc.state == "running" and up.rate and lag / up.rate >= LAG_S:
+        note = f"encode {lag:,.0f} behind"
+    return _phase_row(up, note)
+
+
+def _rows(snap: Snapshot) -> list[_Row]:
+    """The rows of a snapshot, upscale and encode merged, the overall row last."""
+    by_name = {r.phase: r for r in snap.phases}
+    up, enc = by_name.get("upscale"), by_name.get("encode")
+    rows = []
     for row in snap.phases:
-        style = _STYLE.get(row.state, "")
-        frac = row.fraction
-        if row.state == "pending":
-            bar: RenderableType = ProgressBar(total=1.0, completed=0.0, width=bar_width)
-        elif frac is None:
-            # a pulse for work of unknown size, timed by the snapshot (not the wall clock)
-            done = row.state == "done"
-            bar = ProgressBar(total=1.0 if done else None, completed=1.0 if done else 0.0, width=bar_width, animation_time=snap.elapsed)
+        if up is not None and enc is not None and row.phase in ("upscale", "encode"):
+            if row.phase == "upscale":
+                rows.append(_upscale_row(up, enc))
+            continue
+        rows.append(_phase_row(row))
+    elapsed = f"{clock(snap.elapsed)} elapsed"
+    rows.append(_Row("overall", snap.state, snap.fraction, percent(snap.fraction).strip(), elapsed, snap.eta_text,
+                     len(elapsed)))
+    return rows
+
+
+def _bar(row: _Row, width: int, animation_time: float) -> ProgressBar:
+    if row.fraction is None:  # a pulse for work of unknown size, timed by the snapshot (not the wall clock)
+        return ProgressBar(total=None, completed=0.0, width=width, animation_time=animation_time)
+    return ProgressBar(total=1.0, completed=row.fraction, width=width)
+
+
+def _row_style(row: _Row) -> str:
+    if row.name == "overall":
+        return {"error": "red", "cancelled": "yellow"}.get(row.state, "bold")
+    return _STYLE.get(row.state, "")
+
+
+class ProgressView:
+    """A snapshot drawn to the console's width (also used by `clipexport status`).
+
+    From the top: the header (what the job is), notes on work served from
+    earlier runs, one row per phase, the overall row, and at the end the
+    summary or the error. Percent, counts and ETA keep fixed widths; the bars
+    take what is left, up to `BAR_MAX`. Below `WIDE_MIN` columns (or when the
+    bars would be shorter than `BAR_MIN`) the phase rows lose their bars and
+    the overall bar gets a line of its own, so that nothing that matters is
+    cut at 60 columns.
+    """
+
+    def __init__(self, snap: Snapshot) -> None:
+        self.snap = snap
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        snap, width = self.snap, options.max_width
+        yield from _lines(header_parts(snap.info), width, "bold")
+        yield from _lines(skip_notes(snap.phases, snap.info), width, "dim")
+        rows = _rows(snap)
+        what_w = max(WHAT_MIN, *(r.width for r in rows))
+        bar_w = min(BAR_MAX, width - NAME_W - PCT_W - what_w - ETA_W - 4)
+        if width >= WIDE_MIN and bar_w >= BAR_MIN:
+            yield self._wide(rows, what_w, bar_w)
         else:
-            bar = ProgressBar(total=1.0, completed=frac, width=bar_width)
-        pct = percent(frac).strip() if frac is not None and row.state != "pending" else ""
-        if row.unit is None:
-            what = row.state if row.state != "waiting" else "waiting"
-            info = row.detail or ""
-        else:
-            what = amount(row.done, row.total, row.unit) if row.state != "pending" else "pending"
-            info = rate_text(row.rate, row.unit) if row.state == "running" else (row.detail or "")
-        grid.add_row(Text(row.phase, style=style), bar, Text(pct, style=style), Text(what, style=style), Text(info, style="dim"))
-    overall_style = {"error": "red", "cancelled": "yellow"}.get(snap.state, "bold")
-    grid.add_row(
-        Text("overall", style=overall_style),
-        ProgressBar(total=1.0, completed=snap.fraction, width=bar_width),
-        Text(percent(snap.fraction).strip(), style=overall_style),
-        Text(f"{clock(snap.elapsed)} elapsed"),
-        Text(snap.eta_text, style=overall_style),
-    )
-    if snap.state == "error" and snap.message:
-        return Group(grid, Text(f"error: {snap.message}", style="red"))
-    return grid
+            yield from self._compact(rows, what_w, width)
+        yield from self._end(width)
+
+    def _wide(self, rows: list[_Row], what_w: int, bar_w: int) -> Table:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, width=NAME_W)
+        grid.add_column(no_wrap=True, width=bar_w)
+        grid.add_column(no_wrap=True, justify="right", width=PCT_W)
+        grid.add_column(no_wrap=True, width=what_w)
+        grid.add_column(no_wrap=True, overflow="ellipsis")
+        for row in rows:
+            style = _row_style(row)
+            grid.add_row(Text(row.name, style=style), _bar(row, bar_w, self.snap.elapsed), Text(row.pct, style=style),
+                         Text(row.what, style=style), Text(row.info_note, style=style if row.name == "overall" else "dim"))
+        return grid
+
+    def _compact(self, rows: list[_Row], what_w: int, width: int) -> Iterator[RenderableType]:
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(no_wrap=True, width=NAME_W)
+        grid.add_column(no_wrap=True, justify="right", width=PCT_W)
+        grid.add_column(no_wrap=True, width=what_w)
+        grid.add_column(overflow="fold")
+        *phases, overall = rows
+        room = width - NAME_W - PCT_W - what_w - 3
+        for row in phases:
+            style = _row_style(row)
+            info = "\n".join(pack([p for p in (row.info, row.note) if p], room))
+            grid.add_row(Text(row.name, style=style), Text(row.pct, style=style), Text(row.what, style=style),
+                         Text(info, style="dim"))
+        yield grid
+        style = _row_style(overall)
+        bar = Table.grid(padding=(0, 1))
+        bar.add_column(no_wrap=True, width=max(1, width - PCT_W - 1))
+        bar.add_column(no_wrap=True, justify="right", width=PCT_W)
+        bar.add_row(_bar(overall, max(1, width - PCT_W - 1), self.snap.elapsed), Text(overall.pct, style=style))
+        yield bar
+        yield from _lines([overall.what, overall.info], width, style)
+
+    def _end(self, width: int) -> Iterator[RenderableType]:
+        snap = self.snap
+        if snap.state == "done":
+            if snap.message:
+                yield Text(f"output {snap.message}", style="green", overflow="fold")
+            yield from _lines(summary_parts(snap.info, snap.elapsed), width, "green")
+        elif snap.state == "error" and snap.message:
+            yield Text(f"error: {snap.message}", style="red", overflow="fold")
+
+
+def _lines(parts: list[str], width: int, style: str) -> Iterator[Text]:
+    for line in pack(parts, width):
+        yield Text(line, style=style, overflow="fold")
+
+
+def render_snapshot(snap: Snapshot) -> RenderableType:
+    """The Rich view of a snapshot, laid out for whatever console draws it."""
+    return ProgressView(snap)

@@ -1,6 +1,6 @@
 """Per-job progress state, aggregated from contract events in any order.
 
-`JobState.feed` accepts every event of the contract (`shared/progress-events.md`)
+`JobState.feed` accepts every event of the contract (`docs/progress-events.md`)
 and keeps, for each phase, the sum over its parts. It is tolerant by design:
 
 - a repeated event (same `seq`) is ignored;
@@ -79,6 +79,7 @@ class PartState(_Span):
     lost_done: float = 0.0  # work done by earlier attempts (redone since)
     lost_time: float = 0.0  # time those attempts ran
     out_bytes: float | None = None  # size of what the part produced (encode's `bytes`)
+    skipped: bool = False  # served from earlier work (`skipped: true`): a cached segment, an upload already stored
 
     @property
     def cadence(self) -> float | None:
@@ -103,6 +104,7 @@ class PartState(_Span):
         self.updates = 0
         self.seq = -math.inf
         self.detail = None
+        self.skipped = False
 
     def _attempt_of(self, event: Event, t: float) -> bool:
         """Bring the part to the event's attempt; False if the event is stale."""
@@ -138,6 +140,11 @@ class PhaseState(_Span):
         if not self.parts:
             return self.whole.done
         return max(self.whole.done, sum(p.done for p in self.parts.values()))
+
+    @property
+    def skipped(self) -> int:
+        """Parts served from earlier work instead of being redone."""
+        return sum(1 for p in self.parts.values() if p.skipped)
 
     @property
     def known_total(self) -> float | None:
@@ -318,6 +325,8 @@ class JobState:
         if sq <= part.seq:
             return
         done = _num(event.get("done"))
+        if event.get("skipped") is True:
+            part.skipped = True
         if done is not None:
             part.done = max(0.0, done)
             part.seq = sq
@@ -358,6 +367,9 @@ class JobState:
                 ph.total = total
             if done is not None and sq > ph.whole.seq:
                 ph.whole.done, ph.whole.seq = done, sq
+            out_bytes = _num(event.get("bytes"))
+            if out_bytes is not None:
+                ph.whole.out_bytes = out_bytes  # finalize's: the output's size
             return
         part = ph.part(key)
         if not part._attempt_of(event, t):
@@ -378,6 +390,8 @@ class JobState:
         detail = event.get("detail")
         if isinstance(detail, str):
             part.detail = detail
+        if event.get("skipped") is True:
+            part.skipped = True
         out_bytes = _num(event.get("bytes"))
         if out_bytes is not None:
             part.out_bytes = out_bytes

@@ -9,6 +9,11 @@ make the text flip back and forth.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .tracker import JobInfo, PhaseRow
 
 ALMOST_DONE_S = 10.0
 
@@ -142,3 +147,83 @@ def rate_text(rate: float | None, unit: str | None) -> str:
     if rate < 10:
         return f"{rate:.1f} {unit or 'units'}/s"
     return f"{rate:,.0f} {unit or 'units'}/s"
+
+
+def size_text(n: float) -> str:
+    """A file size in decimal units: '1.2 MB'."""
+    num, suffix = _bytes(n)
+    return f"{num} {suffix}"
+
+
+def duration_text(seconds: float) -> str:
+    """A length of video: '3.0 s' under a minute, else H:MM:SS."""
+    return f"{seconds:.1f} s" if seconds < 60 else clock(seconds)
+
+
+def _name(path: str) -> str:
+    return path.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def header_parts(info: JobInfo) -> list[str]:
+    """The header of a job, piece by piece: inputs → output, resolution in → out,
+    model, device, precision, backend (each only when the events carry it)."""
+    parts = []
+    if info.inputs:
+        names = [_name(p) for p in info.inputs]
+        ins = " + ".join(names) if len(names) <= 2 else f"{names[0]} + {len(names) - 1} more"
+        parts.append(f"{ins} → {_name(info.output)}" if info.output else ins)
+    if info.in_size is not None and info.out_size is not None:
+        (iw, ih), (ow, oh) = info.in_size, info.out_size
+        parts.append(f"{iw}x{ih} → {ow}x{oh}")
+    parts += [p for p in (info.model, info.device, info.precision, info.backend) if p]
+    return parts
+
+
+def summary_parts(info: JobInfo, elapsed: float) -> list[str]:
+    """The end of a finished job, after its output path: size, resolution,
+    duration, time taken, average speed, cost (each only when known)."""
+    parts = []
+    if info.output_bytes is not None:
+        parts.append(size_text(info.output_bytes))
+    if info.out_size is not None:
+        parts.append(f"{info.out_size[0]}x{info.out_size[1]}")
+    if info.duration_s is not None:
+        parts.append(f"{duration_text(info.duration_s)} of video")
+    parts.append(f"took {clock(elapsed)}")
+    if info.frames and elapsed > 0:
+        speed = f"{rate_text(info.frames / elapsed, 'frames')}"
+        if info.duration_s:
+            speed += f" ({info.duration_s / elapsed:.2g}x real time)"
+        parts.append(speed)
+    if info.cost_usd is not None:
+        parts.append(f"${info.cost_usd:.2f}" if info.cost_usd >= 0.1 else f"${info.cost_usd:.3f}")
+    return parts
+
+
+def skip_notes(rows: Iterable[PhaseRow], info: JobInfo) -> list[str]:
+    """Work served from earlier runs, in words: '3 of 5 segments already rendered'."""
+    notes = []
+    for row in rows:
+        if not row.skipped:
+            continue
+        if row.phase == "upscale":
+            of = info.segments or row.parts
+            notes.append(f"{row.skipped} of {of} segments already rendered")
+        elif row.phase == "upload":
+            if row.skipped == row.parts:
+                notes.append("upload skipped: already in the store")
+            else:
+                notes.append(f"{row.skipped} of {row.parts} inputs already in the store")
+    return notes
+
+
+def pack(parts: list[str], width: int, sep: str = " · ") -> list[str]:
+    """Join `parts` into lines of at most `width`, breaking only between parts
+    (a part longer than `width` gets a line of its own)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and len(lines[-1]) + len(sep) + len(part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return lines

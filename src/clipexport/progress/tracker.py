@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from .estimator import Estimator
 from .model import TimingModel
-from .state import JobState, PhaseState
+from .state import JobState, PhaseState, _num
 from .text import EtaWords
 
 MAX_RUNNING_FRACTION = 0.999
@@ -43,6 +43,8 @@ class PhaseRow:
     state: str  # "pending" | "running" | "waiting" | "done"
     rate: float | None  # unit per second while running
     detail: str | None
+    skipped: int = 0  # parts served from earlier work (cached segments, uploads already stored)
+    parts: int = 0  # parts seen so far
 
     @property
     def fraction(self) -> float | None:
@@ -51,6 +53,26 @@ class PhaseRow:
         if self.total is None or self.total <= 0:
             return None
         return min(max(self.done / self.total, 0.0), 1.0)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What the job is, for a header and a summary: the plan's facts and, at
+    the end, what came out. A field the events do not carry is None."""
+
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
+    in_size: tuple[int, int] | None = None
+    out_size: tuple[int, int] | None = None
+    model: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    backend: str | None = None
+    frames: int | None = None
+    duration_s: float | None = None  # of the output video
+    segments: int | None = None
+    output_bytes: float | None = None  # once finalized
+    cost_usd: float | None = None  # when the terminal event carries it (cloud)
 
 
 @dataclass(frozen=True)
@@ -65,6 +87,7 @@ class Snapshot:
     eta_text: str
     phases: tuple[PhaseRow, ...]  # in plan order
     message: str | None = None  # the error message, or the output path when done
+    info: JobInfo = JobInfo()
 
 
 class Tracker:
@@ -119,6 +142,7 @@ class Tracker:
             eta_text=self._words(remaining, state),
             phases=tuple(self._row(st.phases[name], now) for name in st.order),
             message=message,
+            info=job_info(st),
         )
 
     def _raw_fraction(self, elapsed: float, remaining: float | None) -> float:
@@ -163,7 +187,45 @@ class Tracker:
                 waiting = sum(1 for p in ph.parts.values() if p.started and not p.ended)
                 if waiting > 1:
                     detail = f"{detail} ({waiting})" if detail else f"{waiting} waiting"
-        return PhaseRow(ph.name, ph.unit, float(done), total, state, rate, detail)
+        return PhaseRow(ph.name, ph.unit, float(done), total, state, rate, detail, ph.skipped, len(ph.parts))
+
+
+def job_info(st: JobState) -> JobInfo:
+    """The header and summary facts of a job, from its plan and its last events."""
+    plan, f = st.plan or {}, st.features
+    inputs = plan.get("inputs")
+    finalize = st.phases.get("finalize")
+    size = _size(f, "in_width", "in_height")
+    return JobInfo(
+        inputs=tuple(str(i) for i in inputs) if isinstance(inputs, list) else (),
+        output=_str(st.terminal_event, "output") or _str(plan, "output"),
+        in_size=size,
+        out_size=_size(f, "out_width", "out_height") or _scaled(size, f.get("scale")),
+        model=_str(f, "model"),
+        device=_str(f, "gpu"),
+        precision=_str(f, "precision"),
+        backend=_str(f, "backend"),
+        frames=_int(f.get("frames")),
+        duration_s=_num(f.get("duration_s")),
+        segments=_int(f.get("segments")),
+        output_bytes=finalize.whole.out_bytes if finalize is not None else None,
+        cost_usd=_num((st.terminal_event or {}).get("cost_usd")),
+    )
+
+
+def _int(value: object) -> int | None:
+    number = _num(value)
+    return None if number is None else int(number)
+
+
+def _size(f: dict, w: str, h: str) -> tuple[int, int] | None:
+    width, height = _int(f.get(w)), _int(f.get(h))
+    return None if width is None or height is None else (width, height)
+
+
+def _scaled(size: tuple[int, int] | None, scale: object) -> tuple[int, int] | None:
+    factor = _int(scale)
+    return None if size is None or factor is None else (size[0] * factor, size[1] * factor)
 
 
 def _str(event: dict | None, key: str) -> str | None:
