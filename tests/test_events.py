@@ -32,6 +32,17 @@ def test_partial_event_cannot_override_stamped_fields():
     assert got[0]["seq"] == 0 and got[0]["job"] == "cx-000001"
 
 
+@pytest.mark.parametrize("last", ["done", "error", "cancelled", "interrupted"])
+def test_emitter_delivers_nothing_after_the_last_event_of_a_run(last):
+    got = []
+    emitter = make_emitter(got.append)
+    emitter("progress", phase="upscale", done=1)
+    emitter(last)
+    emitter("progress", phase="upscale", done=2)  # a straggler from another thread
+    emitter("snapshot", fraction=0.5)
+    assert [e["type"] for e in got] == ["progress", last] and [e["seq"] for e in got] == [0, 1]
+
+
 @pytest.mark.parametrize(
     "event, problem",
     [
@@ -40,6 +51,8 @@ def test_partial_event_cannot_override_stamped_fields():
         ({"v": 1, "job": "j", "seq": "0", "t": 1.0, "type": "done", "output": "x"}, "seq"),
         ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "progress", "phase": "upscale"}, "done"),
         ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "error", "message": "m"}, "resumable"),
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "interrupted", "exit_code": 130}, "resumable"),
+        ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "snapshot", "fraction": None}, "fraction"),
         ({"v": 1, "job": "j", "seq": 0, "t": 1.0, "type": "plan", "phases": []}, "phases"),
     ],
 )

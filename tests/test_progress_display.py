@@ -26,7 +26,7 @@ from clipexport.progress.display import (
     snapshot_fields,
     status_line,
 )
-from clipexport.events import validate_event
+from clipexport.events import Emitter, validate_event
 from clipexport.progress import TimingModel, fit_logs
 from clipexport.progress.replay import replay_events
 from clipexport.progress.text import skip_notes
@@ -442,18 +442,22 @@ def test_plain_says_when_a_job_is_stopped():
     assert run_plain(events).splitlines()[-1] == "22:13:29  stopped after 0:00:09; the job is resumable"
 
 
-def run_json(events, *, interval=None, until=None) -> list[dict]:
+def run_json(events, *, interval=None, tick_at=None) -> list[dict]:
+    """The events through a real emitter into a JSON view, its timer ticking after each (and at `tick_at`)."""
     now = [T0]
     tracker = Tracker()
     tracker.estimator = KnownEnd(T0 + 24.2)
     out = io.StringIO()
     with JsonDisplay(tracker, clock=lambda: now[0], stream=out, refresh=False, interval=interval) as display:
+        emitter = Emitter("cx-abc123", [display.handle], clock=lambda: now[0])
+        display.attach(emitter.emit)
         for event in events:
             now[0] = event["t"]
-            display.handle(event)
-        if until is not None:
-            now[0] = until
-            display.tick()  # the timer's call, between events
+            emitter.emit({k: v for k, v in event.items() if k not in ("v", "job", "seq", "t")})
+            display.tick()
+        if tick_at is not None:
+            now[0] = tick_at
+            display.tick()
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
@@ -463,7 +467,7 @@ def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
     assert [s["t"] - T0 for s in snaps] == pytest.approx([5.7, 10.7, 15.7, 20.7])
     first = snaps[0]
     assert first == {
-        "v": 1, "job": "cx-abc123", "seq": 15, "t": pytest.approx(T0 + 5.7), "type": "snapshot",
+        "v": 1, "job": "cx-abc123", "seq": 16, "t": pytest.approx(T0 + 5.7), "type": "snapshot",
         "fraction": first["fraction"], "elapsed": 5.7, "remaining_s": 18.5, "eta_text": "Less than a minute remaining",
         "phases": first["phases"],
     }
@@ -472,8 +476,10 @@ def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
                                   "total": 200.0}
     for line in lines:
         validate_event(line)
-    events_only = [line for line in lines if line["type"] != "snapshot"]
-    assert events_only == local_job()  # the events themselves pass through untouched
+    assert [line["seq"] for line in lines] == list(range(len(lines)))  # a snapshot is an event like any other
+    strip = ("v", "job", "seq")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in lines if e["type"] != "snapshot"] == [
+        {k: v for k, v in e.items() if k not in strip} for e in local_job()]  # the events pass through untouched
 
 
 def test_json_snapshot_carries_the_80_percent_range_when_the_estimator_has_one(monkeypatch):
@@ -489,10 +495,13 @@ def test_json_snapshot_carries_the_80_percent_range_when_the_estimator_has_one(m
 
 
 def test_json_snapshot_between_events_and_none_after_the_end():
-    lines = run_json(local_job()[:9], interval=2.0, until=T0 + 30.0)
-    assert lines[-1]["type"] == "snapshot" and lines[-1]["seq"] == 8 and lines[-1]["t"] == T0 + 30.0
-    lines = run_json(local_job(), until=T0 + 60.0)
-    assert lines[-1]["type"] == "done"
+    lines = run_json(local_job()[:9], interval=2.0, tick_at=T0 + 30.0)
+    assert lines[-1]["type"] == "snapshot" and lines[-1]["t"] == T0 + 30.0  # the timer's, between events
+    stopped = local_job()[:9] + [{"v": 1, "job": "cx-abc123", "seq": 9, "t": T0 + 3.0, "type": "interrupted",
+                                  "reason": "interrupted", "exit_code": 130, "resumable": True}]
+    for job in (local_job(), stopped):
+        lines = run_json(job, tick_at=T0 + 60.0)
+        assert lines[-1]["type"] == job[-1]["type"]
 
 
 def test_events_consumers_accept_the_new_types(tmp_path):

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from clipexport import events
 from clipexport.cli import app
+from clipexport.progress import Tracker
+from clipexport.progress.text import skip_notes
 from tests.clips import make_clip
 from tests.s3server import BUCKET, seaweed, seaweed_tls  # noqa: F401  (fixtures)
 from tests.test_render import decode
@@ -55,6 +57,16 @@ def test_render_through_an_s3_store(tmp_path, monkeypatch, request, server_fixtu
     assert again.exit_code == 0, again.stderr
     second = [json.loads(line) for line in again.stdout.splitlines()]
     assert not [e for e in second if e["type"] == "phase_start" and e.get("phase") == "upscale" and "part" in e]
+    def upload_marks(events_):
+        return {e.get("skipped") for e in events_ if e.get("phase") == "upload" and "part" in e}
+
+    assert (upload_marks(lines), upload_marks(second)) == ({None}, {True}), "only the second upload was skipped"
+    tracker = Tracker()
+    for event in second:
+        tracker.feed(event)
+    snap = tracker.snapshot(second[-1]["t"])
+    assert skip_notes(snap.phases, snap.info) == ["upload skipped: already in the store",
+                                                  "3 of 3 segments already rendered"]
 
 
 def test_wrong_credentials_name_the_endpoint_not_the_secret(tmp_path, monkeypatch, seaweed):  # noqa: F811

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from clipexport import __version__, config, events
 from clipexport.errors import (
@@ -38,19 +39,134 @@ EXIT_CODES_HELP = (
     "75 stopped and resumable; 130 interrupted by Ctrl-C; 143 stopped by SIGTERM."
 )
 
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+class _Argument(TyperArgument):
+    """An argument in help as other tools write it: INPUT..., JOB, [JOB]; no `<list[Path]>`, no `{job}`."""
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+    def _rich_display_name(self) -> str:
+        return self.display_name_raw + ("..." if self.nargs != 1 else "")
+
+    def _usage_display_name(self) -> str:
+        name = self._rich_display_name()
+        return name if self.required else f"[{name}]"
+
+
+def _plain_help(params: list[Any]) -> None:
+    """Arguments by name alone, flags with no `<bool>`."""
+    for param in params:
+        if isinstance(param, TyperArgument):
+            param.__class__ = _Argument
+        elif isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+
+
+class _PlainHelp:
+    """Conventional help for a command or group (see `_plain_help`)."""
+
+    params: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _plain_help(self.params)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _plain_help([option])
+            if any(getattr(p, "rich_help_panel", None) for p in self.params):
+                option.rich_help_panel = DISPLAY  # not alone in an "Options" panel
+        return option
+
+
+class _Command(_PlainHelp, TyperCommand):
+    """Every command."""
+
+
+class _Group(_PlainHelp, TyperGroup):
+    """The root and `eta`."""
+
+
 app = typer.Typer(
     name="clipexport",
+    cls=_Group,
     help="Upscale and export video clips with Real-ESRGAN, with progress you can trust.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=HELP_OPTIONS,
 )
-eta_app = typer.Typer(help="Fit and check the timing model behind the ETA.", no_args_is_help=True)
+eta_app = typer.Typer(cls=_Group, help="Fit and check the timing model behind the ETA.", no_args_is_help=True,
+                      context_settings=HELP_OPTIONS)
 app.add_typer(eta_app, name="eta")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"clipexport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog="Examples\n\n  clipexport render clip.mp4 -o clip-x4.mp4\n\n"
+                     "  clipexport render --help\n\n  clipexport jobs")
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Upscale and export video clips with Real-ESRGAN, with progress you can trust."""
 
 
 def _say(message: str) -> None:
     print(f"clipexport: {message}", file=sys.stderr, flush=True)
+
+
+_QUIET = False  # -q: errors only on stderr
+_VERBOSE = False  # -v: the [Progress Event] lines and debug detail
+
+
+def _chatty(quiet: bool, verbose: bool) -> None:
+    """Set how much render and resume say (each command sets both)."""
+    global _QUIET, _VERBOSE
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose contradict each other")
+    _QUIET, _VERBOSE = quiet, verbose
+
+
+def _note(message: str) -> None:
+    """A line that is not an error: left out with --quiet."""
+    if not _QUIET:
+        _say(message)
+
+
+def _mode(json_out: bool, quiet: bool, progress: str) -> str:
+    """The display: --json wins, then --quiet (nothing), then --progress."""
+    return "json" if json_out else "none" if quiet else progress
+
+
+@contextmanager
+def _verbose_logs(display: Any) -> Iterator[None]:
+    """With -v, clipexport's log records (DEBUG and up) go through the display,
+    above a live view; with -q, only errors. Restored afterwards."""
+    logger = logging.getLogger("clipexport")
+    saved = logger.level, logger.propagate
+    handler = display.log_handler() if _VERBOSE else None
+    if handler is not None:
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+    elif _QUIET:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 @contextmanager
@@ -88,52 +204,98 @@ def _store() -> JobStore:
     return JobStore(config.state_dir())
 
 
+DISPLAY = "Display and scripting"
 ProgressOpt = Annotated[
     str,
-    typer.Option("--progress", help="auto (rich on a terminal, plain lines otherwise), rich, plain, json, none."),
+    typer.Option("--progress", metavar="MODE", rich_help_panel=DISPLAY,
+                 help="auto (rich on a terminal with cursor control, plain lines otherwise or with TERM=dumb), "
+                      "rich, plain, json, none."),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job's events as NDJSON on stdout.")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=DISPLAY,
+    help="Print the job's events as NDJSON on stdout, with a periodic `snapshot` line (fraction, remaining_s), "
+         "and an `interrupted` line on Ctrl-C; see docs/progress-events.md. Nothing else goes to stdout.")]
+IntervalOpt = Annotated[Optional[float], typer.Option(
+    "--progress-interval", metavar="SECONDS", min=0.1, rich_help_panel=DISPLAY,
+    help="Seconds between plain status lines and --json snapshots (default: every 5 s at first, then about "
+         "1 % of the job, at most one every 30 s).")]
+QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", rich_help_panel=DISPLAY,
+                                        help="Errors only on stderr (the output path still goes to stdout).")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", rich_help_panel=DISPLAY,
+                                          help="Also print the [Progress Event] lines and debug detail.")]
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job id (see `clipexport jobs`).")]
+INPUT, OUTPUT, MODEL, CLOUD = "Input", "Output", "Model and quality", "Cloud"
 
 
-@app.command()
+def _examples(*lines: str) -> str:
+    """An Examples section for a command's help (its epilog)."""
+    return "Examples\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
+@app.command(cls=_Command, epilog=_examples(
+    "clipexport render clip.mp4 -o clip-x4.mp4                      # 4x, default model, this machine",
+    "clipexport render a.mp4 b.mp4 -o out.mp4 --scale 2 --trim 0-10 # first 10 s of each, joined",
+    "clipexport render clip.mp4 -o out.mp4 --estimate               # how long it would take",
+    "clipexport render clip.mp4 -o out.mp4 --backend modal --storage r2://bucket/clipexport",
+    "clipexport render clip.mp4 -o out.mp4 --json | jq -c 'select(.type==\"snapshot\")'"))
 def render(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT",
                                                  help="Input clips, joined in this order into one output.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (.mp4, .mov or .mkv).")],
-    scale: Annotated[Optional[int], typer.Option(help="Output scale, 2 or 4 (default: the model's own).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="realesr-animevideov3 (default), realesrgan-x4plus, "
-                                                      "realesrgan-x2plus, realesr-general-x4v3.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="A checkpoint (.safetensors or .pth) for the model's "
-                                                         "architecture, instead of the official weights.")] = None,
     trim: Annotated[Optional[list[str]], typer.Option(
-        help="START-END in seconds or timecodes (1.5-4, 00:01-00:04.5, 2-). Given once: applies to every "
+        metavar="START-END", rich_help_panel=INPUT,
+        help="In seconds or timecodes (1.5-4, 00:01-00:04.5, 2-). Given once: applies to every "
              "input; given once per input: pairs with the inputs in order; '-' alone leaves that input whole.")] = None,
     crop: Annotated[Optional[list[str]], typer.Option(
-        help="W:H:X:Y before upscaling; pairs with inputs like --trim. Inputs of another size or frame rate "
+        metavar="W:H:X:Y", rich_help_panel=INPUT,
+        help="Before upscaling; pairs with inputs like --trim. Inputs of another size or frame rate "
              "are resized and resampled to the first input's (after its crop).")] = None,
-    codec: Annotated[Optional[str], typer.Option(help="h264 (default) or hevc.")] = None,
-    crf: Annotated[Optional[int], typer.Option(help="Constant rate factor (default 18 for h264, 20 for hevc).")] = None,
-    segment_frames: Annotated[Optional[int], typer.Option(help="Frames per segment, the unit of work and resume.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (local backend).")] = None,
-    backend: Annotated[Optional[str], typer.Option(help="local (default: this machine) or modal (cloud GPUs; "
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                         help="Output file (.mp4, .mov or .mkv).")] = ...,
+    codec: Annotated[Optional[str], typer.Option(metavar="h264|hevc", rich_help_panel=OUTPUT,
+                                                 help="Video codec (default h264).")] = None,
+    crf: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=OUTPUT,
+                                               help="Constant rate factor (default 18 for h264, 20 for hevc).")] = None,
+    force: Annotated[bool, typer.Option("--force", rich_help_panel=OUTPUT, help="Replace an existing output.")] = False,
+    model: Annotated[Optional[str], typer.Option(metavar="NAME", rich_help_panel=MODEL,
+                                                 help="realesr-animevideov3 (default), realesrgan-x4plus, "
+                                                      "realesrgan-x2plus, realesr-general-x4v3.")] = None,
+    scale: Annotated[Optional[int], typer.Option(metavar="2|4", rich_help_panel=MODEL,
+                                                 help="Output scale (default: the model's own).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(metavar="FILE", rich_help_panel=MODEL,
+                                                    help="A checkpoint (.safetensors or .pth) for the model's "
+                                                         "architecture, instead of the official weights.")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="auto|cpu|cuda", rich_help_panel=MODEL,
+                                                  help="Where the local backend upscales.")] = None,
+    segment_frames: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=MODEL,
+                                                          help="Frames per segment, the unit of work and resume.")] = None,
+    backend: Annotated[Optional[str], typer.Option(metavar="local|modal", rich_help_panel=CLOUD,
+                                                   help="local (default: this machine) or modal (cloud GPUs; "
                                                         "needs --storage).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="r2://bucket/prefix, s3://bucket/prefix or file:///dir: "
+    storage: Annotated[Optional[str], typer.Option(metavar="URL", rich_help_panel=CLOUD,
+                                                   help="r2://bucket/prefix, s3://bucket/prefix or file:///dir: "
                                                         "upload inputs there and fetch segments back.")] = None,
-    endpoint_url: Annotated[Optional[str], typer.Option(help="S3 endpoint (else CLIPEXPORT_S3_ENDPOINT, "
+    endpoint_url: Annotated[Optional[str], typer.Option(metavar="URL", rich_help_panel=CLOUD,
+                                                        help="S3 endpoint (else CLIPEXPORT_S3_ENDPOINT, "
                                                              "or R2_ACCOUNT_ID for r2://).")] = None,
-    parallel: Annotated[Optional[int], typer.Option(help="Containers at once (modal backend).")] = None,
-    gpu: Annotated[Optional[str], typer.Option(help="Pin one GPU type for the modal backend (default: the deployment's "
-                                                    "list, L4 then A10G then T4).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
-    estimate: Annotated[bool, typer.Option("--estimate", help="Print the estimated time per phase; run nothing.")] = False,
+    parallel: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=CLOUD,
+                                                    help="Containers at once (modal backend).")] = None,
+    gpu: Annotated[Optional[str], typer.Option(metavar="TYPE", rich_help_panel=CLOUD,
+                                               help="Pin one GPU type for the modal backend (default: the "
+                                                    "deployment's list, L4 then A10G then T4).")] = None,
+    estimate: Annotated[bool, typer.Option("--estimate", rich_help_panel=DISPLAY,
+                                           help="Print the estimated time per phase; run nothing.")] = False,
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
+    progress_interval: IntervalOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Upscale INPUT... into one OUTPUT with the original audio.
 
     Progress goes to stderr; at the end the output path alone goes to stdout
     (with --json, the events go to stdout instead).
     """
+    _chatty(quiet, verbose)
     with _errors_to_exit():
         settings = config.load_settings(
             {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
@@ -151,8 +313,9 @@ def render(
         store = _store()
         record = store.create(spec)
         store.set_fact(record.id, "force", force)
-        _say(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
-        _run(store, record, prepared, mode="json" if json_out else progress, fresh=True, force=False)
+        _note(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
+        _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=True, force=False,
+             interval=progress_interval)
 
 
 def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: Path | None,
@@ -231,7 +394,8 @@ def _device_name(spec: JobSpec) -> str:
     return device_name(spec.device)
 
 
-def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh: bool, force: bool) -> None:
+def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh: bool, force: bool,
+         interval: float | None = None) -> None:
     """Run a job under a display; print the output path when done."""
     from clipexport.backends import create_backend
     from clipexport.orchestrator import JobRunner
@@ -246,9 +410,9 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     if not fresh:
         for event in events.read_events(store.log_path(record.id)):
             tracker.feed(event)
-    mode = choose_mode(mode, sys.stderr.isatty())
+    mode = choose_mode(mode, sys.stderr.isatty(), os.environ.get("TERM"))
     segment_root = config.data_dir() / "store"
-    with make_display(mode, tracker=tracker) as display:
+    with make_display(mode, tracker=tracker, interval=interval) as display, _verbose_logs(display):
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
@@ -258,6 +422,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             fraction=lambda: tracker.snapshot(time.time()).fraction,
             storage=storage,
         )
+        display.attach(runner.emitter.emit)
         if fresh:
             runner.emit_plan(prepared, backend=spec.backend, device=_device_name(spec))
         try:
@@ -293,14 +458,19 @@ def _refit_timing_model(store: JobStore, keep: int = 200) -> None:
         logging.getLogger(__name__).warning("could not refit the timing model: %s", exc)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("clipexport resume cx-3f9a1c",
+                                            "clipexport resume cx-3f9a1c --force   # inputs changed: redo what they affect"))
 def resume(
-    job: Annotated[str, typer.Argument(help="The job id (see `clipexport jobs`).")],
+    job: JobArg,
     force: Annotated[bool, typer.Option("--force", help="Accept inputs changed since the job started.")] = False,
     json_out: JsonOpt = False,
     progress: ProgressOpt = "auto",
+    progress_interval: IntervalOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Continue an interrupted or failed job, skipping finished work."""
+    _chatty(quiet, verbose)
     with _errors_to_exit():
         from clipexport.orchestrator import prepare_job
 
@@ -313,8 +483,9 @@ def resume(
         _preflight(record.spec)
         prepared = prepare_job(record.spec, force=output_forced)
         record = store.transition(record.id, JobState.RUNNING)
-        _say(f"resuming job {record.id}")
-        _run(store, record, prepared, mode="json" if json_out else progress, fresh=False, force=force)
+        _note(f"resuming job {record.id}")
+        _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=False, force=force,
+             interval=progress_interval)
 
 
 def _check_resumable(record: JobRecord) -> None:
@@ -386,22 +557,21 @@ def _print_expanded(record: JobRecord, snap: Any) -> None:
 
 
 def _snapshot_json(record: JobRecord, snap: Any) -> dict[str, Any]:
-    return {
-        "job": record.id, "state": _state(record), "fraction": round(snap.fraction, 4),
-        "elapsed": round(snap.elapsed, 1),
-        "remaining_s": None if snap.remaining_s is None else round(snap.remaining_s, 1),
-        "eta_text": snap.eta_text, "output": record.spec.output,
-        "phases": [{"phase": r.phase, "state": r.state, "unit": r.unit, "done": r.done, "total": r.total}
-                   for r in snap.phases],
-    }
+    from clipexport.progress.display import snapshot_fields
+
+    return {"job": record.id, "state": _state(record), **snapshot_fields(snap), "output": record.spec.output}
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("clipexport status", "clipexport status cx-3f9a1c --watch",
+                                            "clipexport status --json | jq .fraction"))
 def status(
-    job: Annotated[Optional[str], typer.Argument(help="A job id; without it, every running job, a line each.")] = None,
+    job: Annotated[Optional[str], typer.Argument(metavar="JOB",
+                                                 help="A job id; without it, every running job, a line each.")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Keep the view live until no job runs.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.")] = 1.0,
-    json_out: JsonOpt = False,
+    interval: Annotated[float, typer.Option(metavar="SECONDS", help="Seconds between refreshes with --watch.")] = 1.0,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per job and refresh: job, state, fraction, elapsed, remaining_s, eta_text, "
+                       "output, phases.")] = False,
 ) -> None:
     """Show the progress of running jobs (or of one job, expanded)."""
     with _errors_to_exit():
@@ -463,8 +633,10 @@ def _print_status(store: JobStore, records: list[JobRecord], *, expanded: bool, 
             print(_status_line(record, snap), flush=True)
 
 
-@app.command(name="jobs")
-def list_jobs(json_out: JsonOpt = False) -> None:
+@app.command(name="jobs", cls=_Command, epilog=_examples("clipexport jobs", "clipexport jobs --json | jq -r .job"))
+def list_jobs(json_out: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per job: job, state, created, fraction, inputs, output, message.")] = False,
+) -> None:
     """List every job: id, state, age, inputs, output."""
     with _errors_to_exit():
         now = time.time()
@@ -487,9 +659,9 @@ def _age(seconds: float) -> str:
     return f"{int(seconds)}s"
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("clipexport cancel cx-3f9a1c", "clipexport cancel cx-3f9a1c --purge"))
 def cancel(
-    job: Annotated[str, typer.Argument(help="The job id.")],
+    job: JobArg,
     purge: Annotated[bool, typer.Option("--purge", help="Also delete the job's finished segments.")] = False,
 ) -> None:
     """Stop a job's work, remove its temporary files and mark it cancelled."""
@@ -500,11 +672,12 @@ def cancel(
         _say(f"job {job} cancelled" + (" and its segments deleted" if purge else ""))
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples("clipexport logs cx-3f9a1c -f", "clipexport logs cx-3f9a1c --json"))
 def logs(
-    job: Annotated[str, typer.Argument(help="The job id.")],
+    job: JobArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events until the job ends.")] = False,
-    json_out: JsonOpt = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="The events as they are in the log, one JSON object a line (docs/progress-events.md).")] = False,
 ) -> None:
     """Print a job's event log."""
     with _errors_to_exit():
@@ -546,11 +719,12 @@ def _human(event: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-@eta_app.command("fit")
+@eta_app.command("fit", cls=_Command, epilog=_examples("clipexport eta fit", "clipexport eta fit a.jsonl b.jsonl -o model.json"))
 def eta_fit(
     logs_: Annotated[Optional[list[Path]], typer.Argument(
-        metavar="LOG...", help="Event logs; without them, the logs of your finished jobs.")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Where to write the model JSON "
+        metavar="LOG", help="Event logs; without them, the logs of your finished jobs.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE",
+                                                   help="Where to write the model JSON "
                                                    "(default: your model, used by every render).")] = None,
 ) -> None:
     """Fit the timing model from event logs."""
@@ -570,10 +744,11 @@ def eta_fit(
         _say(f"fitted {len(paths)} logs into {target}")
 
 
-@eta_app.command("replay")
+@eta_app.command("replay", cls=_Command, epilog=_examples("clipexport eta replay job.jsonl --model model.json"))
 def eta_replay(
-    traces: Annotated[list[Path], typer.Argument(metavar="TRACE...", help="Event logs to replay.")],
-    model: Annotated[Optional[Path], typer.Option("--model", help="A timing model JSON (default: yours).")] = None,
+    traces: Annotated[list[Path], typer.Argument(metavar="TRACE", help="Event logs to replay.")],
+    model: Annotated[Optional[Path], typer.Option("--model", metavar="FILE",
+                                                  help="A timing model JSON (default: yours).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON line per input event (the default).")] = True,
 ) -> None:
     """Replay traces through the live estimator; print its prediction at each event."""
@@ -600,7 +775,7 @@ def main() -> None:
         sys.exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the version."""
     print(__version__)

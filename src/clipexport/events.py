@@ -25,6 +25,7 @@ TYPES = ("plan", "phase_start", "progress", "heartbeat", "phase_end", "done", "e
          "interrupted", "snapshot")
 PHASES = ("prepare", "upload", "queue", "load_model", "upscale", "encode", "download", "finalize")
 TERMINAL_TYPES = ("done", "error", "cancelled")
+ENDING_TYPES = (*TERMINAL_TYPES, "interrupted")  # the last event of one run of a job
 LOGGED_TYPES = ("phase_start", "phase_end", "done", "error")
 PROGRESS_INTERVAL_S = 0.25  # how often producers report cumulative progress
 
@@ -40,7 +41,10 @@ class Emitter:
     `seq` continues from `next_seq`, so a resumed job keeps one strictly
     increasing sequence across runs. The clock is injected for tests.
     Thread-safe: transfers and backends emit from their own threads, and
-    sinks see events in `seq` order.
+    sinks see events in `seq` order. Nothing is delivered after an event of
+    `ENDING_TYPES`: a straggler from another thread (or a display's periodic
+    snapshot) would otherwise follow the run's last event, and after an
+    `error` a later event reads as a resumed job.
     """
 
     def __init__(
@@ -56,13 +60,17 @@ class Emitter:
         self.next_seq = next_seq
         self._clock = clock
         self._lock = threading.Lock()
+        self._ended = False
 
     def emit(self, partial: Event) -> Event:
-        """Stamp `partial` (left unchanged) and deliver the full event."""
+        """Stamp `partial` (left unchanged) and deliver the full event (unless the run has ended)."""
         with self._lock:
             event: Event = {"v": VERSION, "job": self.job, "seq": self.next_seq, "t": round(self._clock(), 3)}
             event.update({k: v for k, v in partial.items() if k not in event})
+            if self._ended:
+                return event
             self.next_seq += 1
+            self._ended = event["type"] in ENDING_TYPES
             for sink in self.sinks:
                 sink(event)
         return event

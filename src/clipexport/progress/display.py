@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -43,10 +44,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .text import amount, clock, header_parts, pack, rate_text, skip_notes, summary_parts
-from ..events import VERSION
 from .tracker import PhaseRow, Snapshot, Tracker, job_info
 
 MODES = ("auto", "rich", "plain", "json", "none")
+LOG_FORMAT = "%(asctime)s %(message)s"
 Clock = Callable[[], float]
 
 
@@ -115,6 +116,15 @@ class Display:
 
     def tick(self) -> None:
         """Redraw if the view wants to (its timer calls this)."""
+
+    def attach(self, emit: Callable[[dict[str, Any]], Any]) -> None:
+        """Views that make events of their own (`JsonDisplay`'s snapshots) emit them here."""
+
+    def log_handler(self) -> logging.Handler:
+        """Where log records go while this view shows (`--verbose`): stderr, one a line."""
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        return handler
 
     def close(self) -> None:
         with self._lock:
@@ -199,10 +209,12 @@ def _round1(value: float | None) -> float | None:
 
 
 class JsonDisplay(Display):
-    """Each event as one line of JSON on stdout, and a periodic `snapshot` line.
+    """Each event as one line of JSON on stdout, and a periodic `snapshot` event.
 
-    A snapshot is a view, not a job event: it never enters the event log,
-    and its `seq` is that of the latest event it accounts for.
+    The snapshot is emitted through the job's own emitter (`attach`), from
+    the timer's thread: it gets the next `seq` like any event and enters the
+    event log too, so a log replays what a consumer saw. An emitter delivers
+    nothing after the run's last event, so no snapshot follows it.
     """
 
     def __init__(self, tracker: Tracker, *, clock: Clock = time.time, stream: IO[str] | None = None,
@@ -210,41 +222,31 @@ class JsonDisplay(Display):
         super().__init__(tracker, clock=clock)
         self.stream = stream
         self._cadence = _Cadence(interval)
-        self._final = False
+        self._emit: Callable[[dict[str, Any]], Any] | None = None
         self._ticker = _Ticker(_tick_period(interval), self.tick) if refresh else None
 
-    def _line(self, value: dict[str, Any]) -> None:
-        out = self.stream if self.stream is not None else sys.stdout
-        out.write(json.dumps(value, separators=(",", ":")) + "\n")
-        out.flush()
+    def attach(self, emit: Callable[[dict[str, Any]], Any]) -> None:
+        """Give the view the job's emitter, for its snapshots."""
+        self._emit = emit
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        self._line(event)
-        if event.get("type") in FINAL_TYPES:
-            self._final = True
-        else:
-            self._periodic(self.clock())
-
-    def _periodic(self, now: float) -> None:
-        if self._final or self.tracker.state.max_seq < 0:
-            return
-        snap = self._cadence.due(now, lambda: self.tracker.snapshot(now))
-        if snap is not None:
-            st = self.tracker.state
-            self._line({"v": VERSION, "job": st.job, "seq": int(st.max_seq), "t": round(now, 3), "type": "snapshot",
-                        **snapshot_fields(snap)})
+        out = self.stream if self.stream is not None else sys.stdout
+        out.write(json.dumps(event, separators=(",", ":")) + "\n")
+        out.flush()
 
     def tick(self) -> None:
+        # The emitter calls our `handle` under its own lock: ask for it with ours released.
         with self._lock:
-            if not self._closed:
-                self._periodic(self.clock())
+            if self._closed or self._emit is None or self.tracker.state.terminal or not self.tracker.state.events:
+                return
+            now = self.clock()
+            snap = self._cadence.due(now, lambda: self.tracker.snapshot(now))
+        if snap is not None:
+            self._emit({"type": "snapshot", **snapshot_fields(snap)})
 
     def _on_close(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
-
-
-FINAL_TYPES = ("done", "error", "cancelled", "interrupted")
 
 
 def _tick_period(interval: float | None) -> float:
@@ -458,6 +460,12 @@ class RichDisplay(Display):
         if self._live_started and not self._closed:
             self.live.refresh()
 
+    def log_handler(self) -> logging.Handler:
+        """Log records printed through the console, so they scroll above the live view."""
+        handler = _ConsoleHandler(self.console)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        return handler
+
     def _renderable(self) -> RenderableType:
         with self._lock:
             return render_snapshot(self.tracker.snapshot(self.clock()))
@@ -475,6 +483,20 @@ class RichDisplay(Display):
                 return
             self._closed = True
         self._on_close()
+
+
+class _ConsoleHandler(logging.Handler):
+    """A log handler that prints through a Rich console (above its Live view)."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(Text(self.format(record), style="dim"), soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging must never break the job
+            self.handleError(record)
 
 
 _STYLE = {"done": "green", "running": "cyan", "waiting": "yellow", "pending": "dim"}
