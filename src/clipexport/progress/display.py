@@ -167,6 +167,7 @@ class _Cadence:
     def __init__(self, fixed: float | None = None) -> None:
         self.fixed = fixed
         self.last: float | None = None
+        self._wait = fixed if fixed is not None else MIN_INTERVAL_S  # no snapshot is asked for sooner
 
     def due(self, now: float, snapshot: Callable[[], Snapshot]) -> Snapshot | None:
         """The snapshot to write now, or None; the first line comes one interval in."""
@@ -174,11 +175,13 @@ class _Cadence:
             self.last = now
             return None
         since = now - self.last
-        if since < (self.fixed if self.fixed is not None else MIN_INTERVAL_S):
+        if since < self._wait:
             return None
         snap = snapshot()
-        if self.fixed is None and since < line_interval(snap.elapsed, snap.remaining_s):
-            return None
+        if self.fixed is None:
+            self._wait = line_interval(snap.elapsed, snap.remaining_s)
+            if since < self._wait:
+                return None
         self.last = now
         return snap
 
