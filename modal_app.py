@@ -16,6 +16,8 @@ Set at deploy time (environment of `modal deploy`):
     CLIPEXPORT_MODAL_GPUS   GPU types, first choice first: "L4,A10G,T4" (default);
                             Modal takes the first it can get
     CLIPEXPORT_TIMEOUT_S    time limit of one call (one segment), default 1800
+    CLIPEXPORT_STARTUP_S    time limit of a container's start (image, `@modal.enter`
+                            model load), apart from the call's, default 300
     CLIPEXPORT_SCALEDOWN_S  seconds an idle container stays warm (and billed), default 120
     CLIPEXPORT_MODAL_CPU    CPU cores per container, default 4 (decoding and x264
                             encoding of the upscaled frames run on the CPU)
@@ -27,6 +29,13 @@ Set at deploy time (environment of `modal deploy`):
 The client may pin one GPU type per job with `--gpu` (Modal's `with_options`;
 `CLIPEXPORT_GPU` is that client setting, which is why the deploy-time list has
 its own name). Importing this file needs no token and no network.
+
+One retry layer: the client's. Modal retries nothing here (no `retries=`):
+its `Retries` would re-run a timed-out call with a fresh time limit, and the
+client, which sees every failure, spawns a crashed segment once more (never a
+timed-out one). A preempted container is rescheduled by Modal on the same
+input whatever the policy; the body redoes only a segment not stored yet.
+No exception but clipexport's leaves a container (`clipexport.remote.contained`).
 """
 
 import os
@@ -95,14 +104,11 @@ app = modal.App(APP_NAME)
     image=image,
     gpu=_gpus(),
     timeout=_seconds("CLIPEXPORT_TIMEOUT_S", 1800),
+    startup_timeout=_seconds("CLIPEXPORT_STARTUP_S", 300),
     scaledown_window=_seconds("CLIPEXPORT_SCALEDOWN_S", 120),
     cpu=float(_seconds("CLIPEXPORT_MODAL_CPU", 4)),
     memory=_seconds("CLIPEXPORT_MODAL_MEMORY", 8192),
     secrets=[modal.Secret.from_name(os.environ.get("CLIPEXPORT_MODAL_SECRET", "clipexport-r2"))],
-    # A crash is retried once (the client spawns a failed segment once more
-    # too); a preempted container is restarted on the same input anyway.
-    # Either way the body redoes only a segment that is not stored yet.
-    retries=modal.Retries(max_retries=1, initial_delay=2.0),
 )
 class Upscaler:
     model: str = modal.parameter(default="realesr-animevideov3")
@@ -110,12 +116,14 @@ class Upscaler:
 
     @modal.enter()
     def load(self) -> None:
-        from clipexport.remote import Container
+        from clipexport.remote import Container, contained
         from clipexport.upscale import load_upscaler
 
         started = time.monotonic()
-        self.upscaler = load_upscaler(self.model, scale=self.scale, device=os.environ.get("CLIPEXPORT_DEVICE", "auto"))
-        self.container = Container.loaded(time.monotonic() - started, gpu=_gpu_name())
+        with contained():
+            device = os.environ.get("CLIPEXPORT_DEVICE", "auto")
+            self.upscaler = load_upscaler(self.model, scale=self.scale, device=device)
+            self.container = Container.loaded(time.monotonic() - started, gpu=_gpu_name())
         print(f"loaded {self.upscaler!r} on {self.container.gpu} in {self.container.load_s} s", flush=True)
 
     @modal.method()
@@ -123,7 +131,8 @@ class Upscaler:
         """Upscale the segments `task_dicts` (see `clipexport.remote`); spawned, never streamed."""
         from clipexport.remote import run_remote
 
-        result = run_remote(task_dicts, storage_url, endpoint_url, self.upscaler, self.container)
+        result = run_remote(task_dicts, storage_url, endpoint_url, self.upscaler, self.container,
+                            call_id=modal.current_function_call_id())
         for seg in result["segments"]:
             how = "already stored" if seg["skipped"] else f"{seg['frames']} frames in {seg['elapsed']} s"
             print(f"{seg['part']} attempt {seg['attempt']}: {seg['key']} {how}", flush=True)
@@ -135,4 +144,5 @@ class Upscaler:
     def warm_up(self) -> dict:
         """Nothing but a started container with its model loaded (sent while inputs upload)."""
         cold, load_s = self.container.take_cold()
-        return {"container": self.container.id, "cold": cold, "load_s": load_s, "gpu": self.container.gpu}
+        return {"container": self.container.id, "cold": cold, "load_s": load_s, "gpu": self.container.gpu,
+                "call": modal.current_function_call_id()}

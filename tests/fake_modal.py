@@ -1,45 +1,68 @@
-"""An in-process Modal for tests: `FakeModal` (the service) and its `client()`.
+"""An in-process Modal for tests, faked at Modal's own objects: `FakeModal`.
 
-It keeps the documented semantics of spawned calls in modal 1.x:
+`RealModalClient` runs unchanged on top of it (`FakeModal.client()`), so its
+error translation, the backend's retry policy and its follow loop all run in
+tests. What is faked, and how it keeps Modal 1.6.4's semantics (docs/modal.md):
 
-- `spawn` returns an id at once; the call runs in a thread (a "container")
-  whatever becomes of the client that spawned it, so a test can abandon a
-  `ModalBackend` mid-run and follow the same calls from a new one;
-- `get(id, timeout)` returns the result, raises the builtin `TimeoutError`
-  while the call runs, `CallExpired` once the output has "expired", and
-  `CallFailed` for a call that raised or was cancelled;
-- `cancel(id)` stops the call at its next frame (Modal raises
-  `InputCancellation` in the container);
-- a preempted input is restarted on a fresh container, with the same
-  arguments, as Modal does: nothing tells the body it is a restart.
+- `Cls.from_name(app, name).with_options(gpu=...)(model=..., scale=...)`:
+  lazy like Modal's (an app that is not deployed fails at the first spawn with
+  `modal.exception.NotFoundError`); every (model, scale, gpu) is a variant
+  with its own pool of containers; `.run.spawn(...)`/`.warm_up.spawn()`
+  return a call with an `object_id` at once;
+- `FunctionCall` is modal's real class: `from_id(id).get(timeout=)` and
+  `.cancel(terminate_containers=)` run modal's own code down to the gRPC
+  stub, which this fake answers (`FunctionGetOutputs`, `FunctionCallCancel`)
+  with the results a server sends: pickled results and exceptions, an empty
+  TERMINATED result for a cancelled call, a TIMEOUT result past the call's
+  time limit, no output while running, no output and no unfinished input once
+  expired. `transport` holds modal exceptions the stub raises next (what
+  modal's gRPC layer raises after its own retries); `get_gate` holds every
+  `get` until set;
+- a call runs in a thread (a "container") whatever becomes of the client
+  that spawned it; a preempted input is restarted on a fresh container, with
+  the same arguments and the same call id, as Modal does; `retries` re-runs a
+  crashed or timed-out call (Modal's `Retries`; the app sets none);
+- a container stays warm after a call and takes the next call of its
+  variant; idle for longer than `scaledown_window_s`, it is gone. `containers`
+  keeps when each started and stopped (billed time).
 
 Containers run the real container body, `clipexport.remote.run_remote`,
 with the real worker and model on CPU, against the storage URL the client
-passes. A container stays warm after a call and takes the next one; a new
-one waits `cold_start_s`, then loads the model (once per service).
+passes. A new container waits `cold_start_s`, then loads the model (once
+per service).
 
 Knobs: `cold_start_s`; `frame_delay_s` (slows each frame, so tests can act
 mid-segment); `preempt` (parts whose first run is preempted after
 `preempt_after` frames); `crash` (parts whose first run raises in the
-container: the call fails); `fail` (part -> a clipexport error its first run
-raises, which the body returns as the call's result); `gate` (containers wait
-for it before running).
+container); `fail` (part -> a clipexport error its first run raises, which
+the body returns as the call's result); `gate` (containers wait for it before
+running); `timeout_s` (a call's time limit); `deployed`.
 `log` holds every phase start and end seen in a container.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import modal
+from modal import exception as mx
+from modal._serialization import serialize
+from modal.client import _Client
+from modal_proto import api_pb2
+
 from clipexport import remote
-from clipexport.backends.modal import CallExpired, CallFailed
+from clipexport.backends.modal import RealModalClient
+
+Status = api_pb2.GenericResult
 
 
 class Preempted(BaseException):
@@ -50,23 +73,41 @@ class Cancelled(BaseException):
     """The fake's stand-in for modal.exception.InputCancellation."""
 
 
+class TimedOut(BaseException):
+    """The call ran past its time limit: Modal stops the input."""
+
+
 @dataclass
 class FakeCall:
     id: str
     task_dicts: list[dict[str, Any]]
     storage_url: str
     endpoint_url: str | None
-    model: str
-    scale: int
-    gpu: str | None
+    variant: tuple[str, int, str | None]  # (model, scale, gpu): its container pool
     warm_up: bool = False
     finished: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    terminate_containers: bool = False
+    output: api_pb2.GenericResult | None = None  # what the server answers once it finished
     result: Any = None
-    error: BaseException | None = None
+    error: BaseException | None = None  # what the body raised (None if it returned)
+    status: str = "running"  # running | success | failure | terminated | timeout
     expired: bool = False
     runs: int = 0  # how many times a container started it
+    started: float = 0.0  # when a container last took it
     thread: threading.Thread | None = None
+
+    @property
+    def model(self) -> str:
+        return self.variant[0]
+
+    @property
+    def scale(self) -> int:
+        return self.variant[1]
+
+    @property
+    def gpu(self) -> str | None:
+        return self.variant[2]
 
 
 @dataclass
@@ -74,10 +115,14 @@ class FakeContainer:
     name: str
     info: remote.Container
     cache: Path
+    variant: tuple[str, int, str | None]
+    started: float
+    idle_since: float | None = None
+    stopped: float | None = None
 
 
 class _Guard:
-    """Wraps the upscaler: slows frames, preempts, crashes, cancels."""
+    """Wraps the upscaler: slows frames, preempts, crashes, cancels, times out."""
 
     def __init__(self, inner: Any, service: FakeModal, call: FakeCall) -> None:
         self.inner, self.service, self.call = inner, service, call
@@ -91,6 +136,8 @@ class _Guard:
                 raise Cancelled()
             if svc.frame_delay_s:
                 time.sleep(svc.frame_delay_s)
+            if svc.timeout_s is not None and time.monotonic() - self.call.started > svc.timeout_s:
+                raise TimedOut()
             if n >= svc.preempt_after and svc._first_time(part, svc.preempt, "preempted"):
                 raise Preempted()
             if n >= svc.preempt_after and svc._first_time(part, svc.crash, "crashed"):
@@ -101,9 +148,9 @@ class _Guard:
 
 
 class FakeModal:
-    """The service side: calls, containers, the model, a log."""
+    """The service side: calls, containers per variant, the model, a log, the gRPC stub."""
 
-    GPU = "FAKE GPU"  # what its containers report as their device
+    GPU = "FAKE GPU"  # what its containers report as their device when no GPU type is asked
 
     def __init__(
         self,
@@ -117,29 +164,61 @@ class FakeModal:
         fail: dict[str, BaseException] | None = None,
         gate: threading.Event | None = None,
         publish_s: float = 0.2,
+        scaledown_window_s: float = 120.0,
+        timeout_s: float | None = None,
+        retries: int = 0,
+        deployed: bool = True,
     ) -> None:
         self.root = Path(root)
         self.cold_start_s, self.frame_delay_s = cold_start_s, frame_delay_s
         self.preempt, self.preempt_after, self.crash = set(preempt), preempt_after, set(crash)
         self.fail = dict(fail or {})
         self.gate, self.publish_s = gate, publish_s
+        self.scaledown_window_s, self.timeout_s, self.retries = scaledown_window_s, timeout_s, retries
+        self.deployed = deployed
         self.calls: dict[str, FakeCall] = {}
         self.log: list[dict[str, Any]] = []
         self.events: list[str] = []  # "preempted seg-0002", "crashed ...", "cancelled fc-..."
-        self._idle: list[FakeContainer] = []
+        self.containers: list[FakeContainer] = []
+        self.transport: deque[BaseException] = deque()  # raised by the next `get`s, one each
+        self.get_gate: threading.Event | None = None  # while set to an unset event, `get` waits
+        self.gets = 0  # how many `get`s reached the server
         self._upscalers: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._containers = itertools.count(1)
+        self._names = itertools.count(1)
         self._done_once: set[tuple[str, str]] = set()
+        self.install()
 
-    def client(self) -> FakeModalClient:
-        return FakeModalClient(self)
+    # -- Modal's objects ---------------------------------------------------------
+
+    def client(self) -> RealModalClient:
+        """A `RealModalClient` on this service; a new one stands for a new client process.
+
+        `client.spawned` lists the calls it spawned (not warm-ups).
+        """
+        spawned: list[str] = []
+        namespace = SimpleNamespace(Cls=_ClsFactory(self, spawned), FunctionCall=modal.FunctionCall, exception=mx)
+        client = RealModalClient(modal=namespace)
+        client.spawned = spawned  # type: ignore[attr-defined]
+        return client
+
+    def install(self) -> None:
+        """Make this service the one modal's own `FunctionCall` talks to (its env client's stub)."""
+        client = _Client("https://fake-modal.invalid", api_pb2.CLIENT_TYPE_CLIENT, ("ak-fake", "as-fake"))
+        client._control_plane_stub = _Stub(self)
+        _Client._set_env_client(client)
+
+    @staticmethod
+    def uninstall() -> None:
+        _Client._set_env_client(None)
 
     # -- calls ------------------------------------------------------------------
 
-    def spawn(self, task_dicts, storage_url, endpoint_url, *, model, scale, gpu, warm_up=False) -> str:  # noqa: ANN001
-        call = FakeCall(f"fc-{next(self._ids):04d}", list(task_dicts), storage_url, endpoint_url, model, scale, gpu,
+    def spawn(self, task_dicts, storage_url, endpoint_url, *, variant, warm_up=False) -> str:  # noqa: ANN001
+        if not self.deployed:
+            raise mx.NotFoundError("Lookup failed for Cls 'Upscaler' from the 'clipexport' app")
+        call = FakeCall(f"fc-{next(self._ids):04d}", list(task_dicts), storage_url, endpoint_url, variant,
                         warm_up=warm_up)
         call.thread = threading.Thread(target=self._serve, args=(call,), name=call.id, daemon=True)
         with self._lock:
@@ -147,22 +226,23 @@ class FakeModal:
         call.thread.start()
         return call.id
 
-    def get(self, call_id: str, timeout: float) -> Any:
+    def outputs(self, call_id: str) -> api_pb2.FunctionGetOutputsResponse:
+        """What the server answers `FunctionGetOutputs` for a call."""
         call = self.calls.get(call_id)
         if call is None:
-            raise CallExpired(f"Modal does not know the call {call_id}")
-        if not call.finished.wait(timeout):
-            raise TimeoutError()
+            raise mx.NotFoundError(f"Function call {call_id} not found")
         if call.expired:
-            raise CallExpired("the call's output has expired (Modal keeps it 7 days)")
-        if call.error is not None:
-            raise call.error
-        return call.result
+            return api_pb2.FunctionGetOutputsResponse(num_unfinished_inputs=0)
+        if not call.finished.is_set() or call.output is None:
+            return api_pb2.FunctionGetOutputsResponse(num_unfinished_inputs=1)
+        item = api_pb2.FunctionGetOutputsItem(result=call.output, data_format=api_pb2.DATA_FORMAT_PICKLE)
+        return api_pb2.FunctionGetOutputsResponse(outputs=[item], num_unfinished_inputs=0)
 
-    def cancel(self, call_id: str) -> None:
+    def cancel(self, call_id: str, terminate_containers: bool) -> None:
         call = self.calls.get(call_id)
         if call is None:
-            raise CallExpired(f"Modal does not know the call {call_id}")
+            raise mx.NotFoundError(f"Function call {call_id} not found")
+        call.terminate_containers = terminate_containers
         call.cancelled.set()
 
     def expire(self, call_id: str) -> None:
@@ -199,17 +279,40 @@ class FakeModal:
             self.events.append(f"{what} {part}")
         return True
 
-    def _container(self, call: FakeCall) -> FakeContainer | None:
+    def _warm(self, variant: tuple[str, int, str | None]) -> FakeContainer | None:
+        """An idle container of this variant, if one has not scaled down yet."""
+        now = time.monotonic()
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            for ctr in self.containers:
+                if ctr.stopped is None and ctr.idle_since is not None and now - ctr.idle_since > self.scaledown_window_s:
+                    ctr.stopped = ctr.idle_since + self.scaledown_window_s
+            for ctr in self.containers:
+                if ctr.variant == variant and ctr.stopped is None and ctr.idle_since is not None:
+                    ctr.idle_since = None
+                    return ctr
+        return None
+
+    def _container(self, call: FakeCall) -> FakeContainer | None:
+        found = self._warm(call.variant)
+        if found is not None:
+            return found
+        started = time.monotonic()
         if call.cancelled.wait(self.cold_start_s):
             return None
-        started = time.monotonic()
         self._upscaler(call.model, call.scale)
-        name = f"ta-fake{next(self._containers):03d}"
-        info = remote.Container.loaded(time.monotonic() - started, id=name, gpu=self.GPU)
-        return FakeContainer(name, info, self.root / name)
+        name = f"ta-fake{next(self._names):03d}"
+        info = remote.Container.loaded(time.monotonic() - started, id=name, gpu=call.gpu or self.GPU)
+        ctr = FakeContainer(name, info, self.root / name, call.variant, started)
+        with self._lock:
+            self.containers.append(ctr)
+        return ctr
+
+    def _release(self, ctr: FakeContainer, *, terminate: bool) -> None:
+        with self._lock:
+            if terminate:
+                ctr.stopped = time.monotonic()
+            else:
+                ctr.idle_since = time.monotonic()
 
     def _upscaler(self, model: str, scale: int) -> Any:
         with self._lock:
@@ -221,6 +324,30 @@ class FakeModal:
             return found
 
     def _serve(self, call: FakeCall) -> None:
+        tries = 0
+        while True:
+            status, value = self._run_once(call)
+            if status in ("failure", "timeout") and tries < self.retries:
+                tries += 1  # Modal's Retries: the same call id, a fresh time limit
+                continue
+            break
+        call.status = status
+        if status == "success":
+            call.result = value
+            call.output = Status(status=Status.GENERIC_STATUS_SUCCESS, data=serialize(value))
+        elif status == "failure":
+            call.error = value
+            call.output = Status(status=Status.GENERIC_STATUS_FAILURE, data=serialize(value), exception=repr(value))
+        elif status == "timeout":
+            call.output = Status(status=Status.GENERIC_STATUS_TIMEOUT,
+                                 exception=f"Function call timed out after {self.timeout_s}s")
+        else:  # a cancelled input: no data, no message
+            call.output = Status(status=Status.GENERIC_STATUS_TERMINATED)
+        call.finished.set()
+
+    def _run_once(self, call: FakeCall) -> tuple[str, Any]:
+        """One try of a call, through preemptions: (status, result or exception)."""
+        container = None
         try:
             if self.gate is not None:
                 while not self.gate.wait(0.05):
@@ -231,31 +358,38 @@ class FakeModal:
                 if container is None:
                     raise Cancelled()
                 call.runs += 1
+                call.started = time.monotonic()
                 if call.warm_up:
-                    call.result = {"container": container.name, "cold": container.info.cold,
-                                   "load_s": container.info.load_s}
-                    container.info.take_cold()
+                    cold, load_s = container.info.take_cold()
+                    result: Any = {"container": container.name, "cold": cold, "load_s": load_s, "call": call.id}
                     break
                 guard = _Guard(self._upscaler(call.model, call.scale), self, call)
                 try:
-                    call.result = remote.run_remote(
+                    result = remote.run_remote(
                         call.task_dicts, call.storage_url, call.endpoint_url, guard, container.info,
-                        cache=container.cache, interval=self.publish_s,
+                        cache=container.cache, interval=self.publish_s, call_id=call.id,
                         observer=lambda event, guard=guard, c=container: self._observe(call, c, guard, event),
                     )
                 except Preempted:
-                    continue  # the container is gone; Modal restarts the input on a fresh one
+                    self._release(container, terminate=True)  # the container is gone
+                    container = None
+                    continue  # Modal restarts the input on a fresh one
                 break
-            with self._lock:
-                self._idle.append(container)
+            self._release(container, terminate=False)
+            return "success", result
         except Cancelled:
             with self._lock:
                 self.events.append(f"cancelled {call.id}")
-            call.error = CallFailed("the call was cancelled")
-        except Exception as exc:  # a crash in the body: the call fails
-            call.error = CallFailed(f"{type(exc).__name__}: {exc}")
-        finally:
-            call.finished.set()
+            if container is not None:
+                self._release(container, terminate=call.terminate_containers)
+            return "terminated", None
+        except TimedOut:
+            self._release(container, terminate=True)
+            return "timeout", None
+        except Exception as exc:  # what the body raised: pickled back to the client as it is
+            if container is not None:
+                self._release(container, terminate=False)
+            return "failure", exc
 
     def _observe(self, call: FakeCall, container: FakeContainer, guard: _Guard, event: dict[str, Any]) -> None:
         if event.get("type") == "phase_start" and event.get("phase") == "upscale":
@@ -267,26 +401,59 @@ class FakeModal:
                                  "attempt": event.get("attempt")})
 
 
-class FakeModalClient:
-    """`ModalClient` on a `FakeModal`; a new one stands for a new client process."""
+class _Stub:
+    """The gRPC stub modal's `FunctionCall` talks to: the two requests it sends for `get` and `cancel`."""
 
     def __init__(self, service: FakeModal) -> None:
         self.service = service
-        self.spawned: list[str] = []
 
-    def spawn(self, task_dicts, storage_url, endpoint_url, *, model, scale, gpu) -> str:  # noqa: ANN001
-        call_id = self.service.spawn(task_dicts, storage_url, endpoint_url, model=model, scale=scale, gpu=gpu)
-        self.spawned.append(call_id)
-        return call_id
+    async def FunctionGetOutputs(self, request: Any, **_: Any) -> api_pb2.FunctionGetOutputsResponse:  # noqa: N802
+        svc = self.service
+        svc.gets += 1
+        while svc.get_gate is not None and not svc.get_gate.is_set():
+            await asyncio.sleep(0.01)  # a server that does not answer
+        if svc.transport:
+            raise svc.transport.popleft()
+        return svc.outputs(request.function_call_id)
 
-    def warm_up(self, *, model: str, scale: int, gpu: str | None) -> str:
-        return self.service.spawn([], "", None, model=model, scale=scale, gpu=gpu, warm_up=True)
+    async def FunctionCallCancel(self, request: Any, **_: Any) -> None:  # noqa: N802
+        self.service.cancel(request.function_call_id, request.terminate_containers)
 
-    def get(self, call_id: str, timeout: float) -> Any:
-        return self.service.get(call_id, timeout)
 
-    def cancel(self, call_id: str) -> None:
-        self.service.cancel(call_id)
+class _ClsFactory:
+    """`modal.Cls` as the client sees it: `from_name` only."""
+
+    def __init__(self, service: FakeModal, spawned: list[str]) -> None:
+        self.service, self.spawned = service, spawned
+
+    def from_name(self, app_name: str, name: str, *, environment_name: str | None = None) -> _Cls:
+        return _Cls(self, gpu=None)
+
+
+class _Cls:
+    def __init__(self, factory: _ClsFactory, gpu: str | None) -> None:
+        self.factory, self.gpu = factory, gpu
+
+    def with_options(self, *, gpu: str | None = None) -> _Cls:
+        return _Cls(self.factory, gpu=gpu or self.gpu)
+
+    def __call__(self, *, model: str, scale: int) -> SimpleNamespace:
+        variant = (model, scale, self.gpu)
+        return SimpleNamespace(run=_Method(self.factory, variant, warm_up=False),
+                               warm_up=_Method(self.factory, variant, warm_up=True))
+
+
+class _Method:
+    def __init__(self, factory: _ClsFactory, variant: tuple[str, int, str | None], *, warm_up: bool) -> None:
+        self.factory, self.variant, self.warm_up = factory, variant, warm_up
+
+    def spawn(self, task_dicts: list[dict[str, Any]] | None = None, storage_url: str = "",
+              endpoint_url: str | None = None) -> SimpleNamespace:
+        call_id = self.factory.service.spawn(task_dicts or [], storage_url, endpoint_url, variant=self.variant,
+                                             warm_up=self.warm_up)
+        if not self.warm_up:
+            self.factory.spawned.append(call_id)
+        return SimpleNamespace(object_id=call_id)
 
 
 # -- a job to run ---------------------------------------------------------------

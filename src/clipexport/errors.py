@@ -17,6 +17,7 @@ knowing which library failed::
     │   ├── StorageUnreachableError endpoint did not answer
     │   └── PreconditionFailedError object changed under a resumed download
     ├── BackendError                the compute backend failed
+    │   └── RemoteFailure           an exception inside a container, as type and message
     └── Interrupted                 exit 75, stopped and resumable
 
 Messages never contain credentials: they name the file, endpoint or job.
@@ -92,6 +93,22 @@ class BackendError(ClipexportError):
     def __init__(self, message: str, *, resumable: bool = True) -> None:
         super().__init__(message)
         self.resumable = resumable
+
+
+class RemoteFailure(BackendError):
+    """A non-clipexport exception raised inside a remote container, carried by name and message.
+
+    Modal re-raises a container's exception object as-is in the client, where
+    a bare builtin `TimeoutError` means "still running" and an `OSError` looks
+    like a local network failure; wrapping keeps the two apart (docs/modal.md).
+    """
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind, resumable=True)
+        self.kind, self.detail = kind, detail
+
+    def __reduce__(self) -> tuple[type[RemoteFailure], tuple[str, str]]:
+        return (RemoteFailure, (self.kind, self.detail))
 
 
 class Interrupted(ClipexportError):

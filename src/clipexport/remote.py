@@ -17,9 +17,14 @@ A part restarted on the same input (a preempted container, a retry) finds its
 own earlier snapshot in the channel and runs as `attempt + 1`, so the client
 sees the restart as the contract says. Nothing here imports Modal.
 
+No exception other than clipexport's leaves a container (`contained`):
+Modal hands the container's exception object to the client as-is, where a
+bare `TimeoutError` means "still running" (docs/modal.md).
+
 The channel snapshot of a segment (one object per part)::
 
     {"part": "seg-0002", "attempt": 1, "state": "running",   # running | stored | failed
+     "call": "fc-01H...",                                    # the Modal call running it
      "container": "ta-01H...", "gpu": "NVIDIA L4",           # where it runs
      "cold": true, "load_s": 4.2,                            # the first input after the model load
      "key": "segments/....mp4", "skipped": false,
@@ -38,12 +43,13 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipexport.errors import BackendError, ClipexportError
+from clipexport.errors import BackendError, ClipexportError, RemoteFailure
 from clipexport.media import ClipPlan, Segment
 from clipexport.storage import ProgressChannel, Storage, open_storage
 from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
@@ -166,6 +172,17 @@ def fetch_input(storage: Storage, key: str, cache: Path) -> Path:
 # -- one call -----------------------------------------------------------------
 
 
+@contextmanager
+def contained() -> Iterator[None]:
+    """Let only clipexport's errors out: anything else becomes a `RemoteFailure` (type and message)."""
+    try:
+        yield
+    except ClipexportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised as clipexport's own, by name and message
+        raise RemoteFailure(type(exc).__name__, " ".join(str(exc).split())[:500]) from None
+
+
 def run_remote(
     task_dicts: Sequence[dict[str, Any]],
     storage_url: str,
@@ -174,8 +191,9 @@ def run_remote(
     container: Container,
     **options: Any,
 ) -> dict[str, Any]:
-    """What a Modal method body calls: open the store, then `run_segments`."""
-    return run_segments(task_dicts, storage_for(storage_url, endpoint_url), upscaler, container, **options)
+    """What a Modal method body calls: open the store, then `run_segments`, `contained`."""
+    with contained():
+        return run_segments(task_dicts, storage_for(storage_url, endpoint_url), upscaler, container, **options)
 
 
 def run_segments(
@@ -188,6 +206,7 @@ def run_segments(
     interval: float = PUBLISH_INTERVAL_S,
     clock: Callable[[], float] = time.monotonic,
     observer: Observer | None = None,
+    call_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the tasks one after the other; return what became of each.
 
@@ -196,7 +215,8 @@ def run_segments(
     (a corrupt input, a store that refuses the credentials) is returned, not
     raised, as ``"error"`` and ``"resumable"`` next to the segments finished
     before it: retrying the input would fail the same way. Anything else
-    propagates, so that the platform marks the call failed (and may retry it).
+    propagates, so that the platform marks the call failed. `call_id` (Modal's
+    `current_function_call_id()`) goes into every snapshot.
     """
     cache = cache or work_dir()
     tasks = [task_from_dict(d) for d in task_dicts]
@@ -205,7 +225,7 @@ def run_segments(
         return result
     channel = ProgressChannel(storage, channel_prefix(tasks[0].job), interval=interval, clock=clock)
     for task in tasks:
-        run = _SegmentRun(task, storage, channel, container, clock, observer)
+        run = _SegmentRun(task, storage, channel, container, clock, observer, call_id)
         try:
             result["segments"].append(run.execute(upscaler, cache))
         except ClipexportError as exc:
@@ -229,6 +249,7 @@ class _SegmentRun:
         container: Container,
         clock: Callable[[], float],
         observer: Observer | None,
+        call_id: str | None = None,
     ) -> None:
         self.task, self.storage, self.channel = task, storage, channel
         self.part = task.segment.name
@@ -242,6 +263,7 @@ class _SegmentRun:
             "part": self.part,
             "attempt": self.attempt,
             "state": "running",
+            "call": call_id,
             "container": container.id,
             "gpu": container.gpu,
             "cold": cold,

@@ -1,16 +1,19 @@
 """The Modal backend: segments run on Modal GPUs as spawned calls.
 
 Modal is reached through `ModalClient`, four calls wide (spawn, warm_up, get,
-cancel), so the policy here runs the same against Modal (`RealModalClient`)
-and against the in-process fake the tests use. Generator calls cannot be
-spawned or re-attached, and die with their consumer (modal-client #4125), so
-each segment is a plain spawned call whose body drives the worker generator
-in the container and publishes its progress to the store's progress channel
+cancel); `RealModalClient` is that client on the `modal` package, with every
+one of Modal's exceptions translated here (the tests fake Modal's own objects
+below it: `tests/fake_modal.py`). Generator calls cannot be spawned or
+re-attached, and die with their consumer (modal-client #4125), so each
+segment is a plain spawned call whose body drives the worker generator in the
+container and publishes its progress to the store's progress channel
 (`clipexport.remote`). The client:
 
 1. records every call id in the job store (`call:<seg-name>` -> {"id",
    "attempt", "lane"}) before it shows anything about the call;
-2. follows progress through the channel and completion through `get`;
+2. follows progress through the channel and completion through `get`, both
+   off the follow loop: Modal is asked on worker threads (`_Net`), so the
+   display and Ctrl-C never wait on the network;
 3. on `resume`, re-attaches to the recorded calls instead of spawning again:
    a finished call whose segment is stored is done; a failed or expired call
    whose segment is not stored is spawned again as attempt + 1;
@@ -21,9 +24,22 @@ which is what the progress contract calls a container: the queue phase has
 one part per lane, from its first spawn to its first progress, and segment
 events carry the lane as `worker`.
 
-Errors cross this boundary as `BackendError` (with `resumable`):
-`CallFailed` for a call that raised or was cancelled, `CallExpired` for one
-whose output Modal no longer keeps.
+What `get` can say (docs/modal.md has the source lines):
+
+- `CallRunning`: Modal's bare builtin `TimeoutError()`; a `TimeoutError` with
+  arguments came from inside a container and is a failure;
+- `CallFailed` (`CallTimedOut`, `CallCancelled`): the call raised, crashed,
+  ran past its limit or was cancelled; a crash is spawned once more, a
+  timeout is not (it would likely time out again, at full price);
+- `CallExpired`: Modal no longer keeps the output (7 days) or the call;
+- `ModalBusy`: a transport error (ServiceError, InternalError,
+  ResourceExhaustedError, ClientClosed, a retry deadline): it says nothing of
+  the call, so it is asked again later, with backoff, and never respawned;
+  past `busy_cap_s` the run stops resumably (exit 75);
+- `ModalUnreachable`: only modal's own `ConnectionError`; the run stops
+  resumably at once.
+
+There is one retry layer, this one: `modal_app.py` sets no `retries=`.
 """
 
 from __future__ import annotations
@@ -35,11 +51,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from clipexport.backends.base import EmitFn
+from clipexport.backends.offloop import Asker, Backoff
 from clipexport.errors import BackendError, ClipexportError, Interrupted, UsageError
 from clipexport.jobs import JobStore
 from clipexport.remote import channel_prefix, task_to_dict
@@ -55,16 +74,41 @@ NOT_DEPLOYED = f"app {APP_NAME} is not deployed: run `modal deploy modal_app.py`
 NO_MODAL = "--backend modal needs the modal package: pip install 'clipexport[modal]'"
 
 PHASES = ("upscale", "encode")
-CHECK_S = 5.0  # a running call's `get` is asked at least this often
-MAX_RESPAWNS = 1  # per segment and run: a failed call is spawned again (Modal has retried it already)
+CHECK_S = 5.0  # a running call's `get` is asked at most this often
+FINAL_CHECK_S = 1.0  # ... and at most this often once its channel says it finished
+MAX_RESPAWNS = 1  # per segment and run: a crashed call is spawned again (Modal retries nothing)
+BUSY_MAX_DELAY_S = 60.0  # the longest pause between questions while Modal's transport fails
+BUSY_CAP_S = 600.0  # transport failures for this long stop the run, resumably
+NET_DEADLINE_S = 90.0  # a question unanswered this long counts as a transport failure
+STOP_GRACE_S = 5.0  # on a failure that ends the job, how long cancelling the other calls may take
+
+
+class CallRunning(Exception):  # noqa: N818 - a state, not an error
+    """The call has no output yet (Modal's bare builtin `TimeoutError()`)."""
 
 
 class CallFailed(BackendError):
     """A call raised, crashed, timed out or was cancelled (the job can be resumed)."""
 
 
+class CallTimedOut(CallFailed):
+    """A call ran past its time limit: not spawned again in this run."""
+
+
+class CallCancelled(CallFailed):
+    """A call was cancelled (Modal answers `get` with an empty `RemoteError`)."""
+
+
 class CallExpired(BackendError):
     """Modal no longer keeps the call's output (7 days), or does not know the call."""
+
+
+class ModalBusy(BackendError):
+    """Modal's transport failed (after its own retries): ask again later; the call may still run."""
+
+
+class ModalUnreachable(BackendError):
+    """Modal's own `ConnectionError`: this machine cannot reach Modal."""
 
 
 class ModalClient(Protocol):
@@ -88,10 +132,12 @@ class ModalClient(Protocol):
         ...
 
     def get(self, call_id: str, timeout: float) -> Any:
-        """The call's result; builtin TimeoutError while it runs; CallFailed, CallExpired."""
+        """The call's result; raises CallRunning, CallFailed, CallExpired, ModalBusy, ModalUnreachable."""
         ...
 
-    def cancel(self, call_id: str) -> None: ...
+    def cancel(self, call_id: str) -> None:
+        """Cancel the call and stop the containers running it."""
+        ...
 
 
 # -- Modal itself -------------------------------------------------------------
@@ -125,20 +171,22 @@ class RealModalClient:
 
     Constructing it checks, without a network round trip, that modal is
     installed and has a token, so a missing token fails in milliseconds
-    instead of a minute-long hang.
+    instead of a minute-long hang. `modal` replaces the package (the tests'
+    fake of its objects); no token is checked then.
     """
 
-    def __init__(self, *, environment: str | None = None, app_name: str = APP_NAME) -> None:
-        if not has_modal_token():
-            raise BackendError(NO_TOKEN, resumable=False)
-        import modal
-
+    def __init__(self, *, environment: str | None = None, app_name: str = APP_NAME, modal: Any = None) -> None:
+        if modal is None:
+            if not has_modal_token():
+                raise BackendError(NO_TOKEN, resumable=False)
+            import modal
         self._modal = modal
         self._environment = environment
         self._app_name = app_name
         self._classes: dict[tuple[str, int, str | None], Any] = {}
 
     def _instance(self, model: str, scale: int, gpu: str | None) -> Any:
+        """One parameterized object per variant: Modal keeps one container pool per variant."""
         key = (model, scale, gpu)
         obj = self._classes.get(key)
         if obj is None:
@@ -164,20 +212,36 @@ class RealModalClient:
 
     def cancel(self, call_id: str) -> None:
         with _translated(deploying=False):
-            self._modal.FunctionCall.from_id(call_id).cancel()
+            self._modal.FunctionCall.from_id(call_id).cancel(terminate_containers=True)
 
 
 @contextmanager
 def _translated(*, deploying: bool) -> Iterator[None]:
-    """Modal's exceptions become clipexport's; the builtin TimeoutError (running) passes."""
+    """Modal's exceptions (and a container's, re-raised by `get`) become clipexport's."""
     try:
         yield
-    except TimeoutError:
-        raise
-    except ClipexportError:
-        raise
+    except TimeoutError as exc:  # the builtin; modal's own TimeoutError is no subclass of it
+        if not exc.args:
+            raise CallRunning() from None
+        raise CallFailed(f"TimeoutError: {_one_line(str(exc))}") from exc
+    except ClipexportError as exc:
+        if deploying:  # ours (a bad --gpu)
+            raise
+        raise CallFailed(str(exc), resumable=exc.resumable) from exc  # raised in a container, re-raised by `get`
     except Exception as exc:
         raise translate_error(exc, deploying=deploying) from exc
+
+
+def _transport_errors(mx: Any) -> tuple[type[BaseException], ...]:
+    """Modal's exceptions that say the request failed, not the call."""
+    kinds: list[type[BaseException]] = [mx.ServiceError, mx.InternalError, mx.ResourceExhaustedError, mx.ClientClosed]
+    try:
+        from modal._utils.grpc_utils import RetryTimeoutError  # its retry loop's total deadline
+
+        kinds.append(RetryTimeoutError)
+    except ImportError:
+        pass
+    return tuple(kinds)
 
 
 def translate_error(exc: BaseException, *, deploying: bool) -> BackendError:
@@ -194,9 +258,13 @@ def translate_error(exc: BaseException, *, deploying: bool) -> BackendError:
     if isinstance(exc, mx.OutputExpiredError):
         return CallExpired("the call's output has expired (Modal keeps it 7 days)")
     if isinstance(exc, mx.FunctionTimeoutError):
-        return CallFailed(f"the call ran past its time limit ({message})")
-    if isinstance(exc, (mx.ConnectionError, ConnectionError, OSError)):
-        return BackendError(f"cannot reach Modal: {message}", resumable=True)
+        return CallTimedOut(f"the call ran past its time limit ({message})")
+    if isinstance(exc, mx.ConnectionError):
+        return ModalUnreachable(f"cannot reach Modal: {message}", resumable=True)
+    if isinstance(exc, _transport_errors(mx)):
+        return ModalBusy(f"Modal did not answer ({type(exc).__name__}: {message})", resumable=True)
+    if isinstance(exc, mx.RemoteError) and type(exc) is mx.RemoteError and not str(exc).strip():
+        return CallCancelled("the call was cancelled")
     if isinstance(exc, mx.InvalidError) and deploying:
         return BackendError(f"Modal refused the call: {message}", resumable=False)
     return CallFailed(f"{type(exc).__name__}: {message}")
@@ -230,15 +298,26 @@ def check_gpu(gpu: str | None) -> None:
         )
 
 
+def recorded_calls(store: JobStore, job_id: str) -> set[str]:
+    """Every call id a job recorded: segments (current and past attempts) and warm-ups."""
+    ids: set[str] = set()
+    for value in [*store.facts(job_id, "call:").values(), *store.facts(job_id, "warmup:").values()]:
+        if isinstance(value, dict) and value.get("id"):
+            ids.add(value["id"])
+            ids.update(i for i in value.get("past") or [] if isinstance(i, str))
+    return ids
+
+
 def cancel_calls(client: ModalClient, store: JobStore, job_id: str) -> int:
     """Cancel every call a job recorded (segments and warm-ups); return how many were asked."""
-    ids = {v["id"] for v in store.facts(job_id, "call:").values() if isinstance(v, dict) and v.get("id")}
-    ids |= {v["id"] for v in store.facts(job_id, "warmup:").values() if isinstance(v, dict) and v.get("id")}
+    ids = recorded_calls(store, job_id)
     for call_id in sorted(ids):
         try:
             client.cancel(call_id)
         except (CallExpired, CallFailed):
             continue  # finished or forgotten: nothing left to stop
+        except ModalBusy as exc:
+            logger.warning("could not cancel %s: %s", call_id, exc)
     return len(ids)
 
 
@@ -354,6 +433,8 @@ class ModalBackend:
         poll_s: float = 1.0,
         check_s: float = CHECK_S,
         max_respawns: int = MAX_RESPAWNS,
+        busy_cap_s: float = BUSY_CAP_S,
+        net_deadline_s: float = NET_DEADLINE_S,
     ) -> None:
         if parallel < 1:
             raise UsageError(f"--parallel must be at least 1, not {parallel}")
@@ -364,6 +445,7 @@ class ModalBackend:
         settings = getattr(storage, "settings", None)
         self.endpoint_url = endpoint_url or getattr(settings, "endpoint_url", None)
         self._clock, self.poll_s, self.check_s, self.max_respawns = clock, poll_s, check_s, max_respawns
+        self.busy_cap_s, self.net_deadline_s = busy_cap_s, net_deadline_s
         self._warmups: list[str] = []
         self._warm_known = False
 
@@ -379,18 +461,6 @@ class ModalBackend:
             call_id = self.client.warm_up(model=self.model, scale=self.scale, gpu=self.gpu)
             self.store.set_fact(self.job, f"warmup:{i}", {"id": call_id})
             self._warmups.append(call_id)
-
-    def _check_warmups(self) -> None:
-        for call_id in list(self._warmups):
-            try:
-                self.client.get(call_id, timeout=0)
-            except TimeoutError:
-                continue
-            except BackendError as exc:
-                logger.info("warm-up call %s failed: %s", call_id, exc)
-            else:
-                self._warm_known = True
-            self._warmups.remove(call_id)
 
     # -- run -------------------------------------------------------------------
 
@@ -408,8 +478,21 @@ class ModalBackend:
         return cancel_calls(self.client, self.store, self.job)
 
 
+@dataclass
+class _Spawning:
+    """A spawn asked of Modal, not answered yet; the lane is held for it."""
+
+    tasks: list[SegmentTask]
+    attempt: int
+    lane: _Lane
+
+
 class _Run:
-    """One `ModalBackend.run`: lanes, calls, part views and the follow loop."""
+    """One `ModalBackend.run`: lanes, calls, part views and the follow loop.
+
+    The loop never calls Modal itself: spawns and `get`s go to `self.asker`
+    (worker threads) and their answers are read on a later pass.
+    """
 
     def __init__(self, backend: ModalBackend, tasks: list[SegmentTask], emit: EmitFn, stop: threading.Event):
         self.b, self.emit, self.stop = backend, emit, stop
@@ -420,9 +503,17 @@ class _Run:
         self.call_of: dict[str, _Call] = {}  # active call by part
         self.lanes: list[_Lane] = []
         self.queued: deque[tuple[SegmentTask, int]] = deque()  # (task, attempt) to spawn
+        self.spawning: dict[int, _Spawning] = {}  # by ask key
+        self._spawn_keys = iter(range(1, 1 << 62))
         self.respawns: dict[str, int] = {}
         self.queue_since: float | None = None  # the whole queue phase is open since then
         self.loaded: list[float] = []  # load times of the lanes that ended their queue cold
+        self.asker = Asker(backend._clock, name="modal")
+        self.backoff = Backoff(backend.check_s, BUSY_MAX_DELAY_S, backend.busy_cap_s)
+        self.known: set[str] = recorded_calls(backend.store, backend.job) | set(backend._warmups)
+        self.strangers: set[str] = set()  # unknown calls found running and cancelled
+        self._warm_checked: dict[str, float] = {}
+        self.deferred: dict[str, dict[str, Any]] = {}  # snapshots of parts whose spawn is in flight
 
     @property
     def now(self) -> float:
@@ -439,11 +530,11 @@ class _Run:
         while True:
             if self.stop.is_set():
                 self._stopped()
+            self._collect()
             self._follow_channel()
-            self._check_calls()
-            self.b._check_warmups()
+            self._ask()
             self._fill_lanes()
-            if not self.calls and not self.queued:
+            if not self.calls and not self.queued and not self.spawning:
                 self._close_queue()
                 return
             self._heartbeat()
@@ -451,7 +542,7 @@ class _Run:
                 self._stopped()
 
     def _stopped(self) -> None:
-        running = len(self.calls)
+        running = len(self.calls) + len(self.spawning)
         raise Interrupted(
             f"stopped; {running} Modal call(s) keep running: `clipexport resume {self.b.job}` re-attaches"
             if running else "stopped before all segments were done"
@@ -511,28 +602,121 @@ class _Run:
         if call.lane.call is None:
             call.lane.call = call
         self.calls[call.id] = call
+        self.known.add(call.id)
         for task in call.tasks:
             self.call_of[task.segment.name] = call
 
     # -- spawning --------------------------------------------------------------
 
     def _fill_lanes(self) -> None:
-        while self.queued and len(self.calls) < self.b.parallel:
+        while self.queued and len(self.calls) + len(self.spawning) < self.b.parallel:
             task, attempt = self.queued.popleft()
-            free = [lane for lane in self.lanes if lane.call is None]
+            held = {s.lane.name for s in self.spawning.values()}
+            free = [lane for lane in self.lanes if lane.call is None and lane.name not in held]
             lane = free[0] if free else self._lane()
             self._spawn([task], attempt, lane)
 
     def _spawn(self, tasks: list[SegmentTask], attempt: int, lane: _Lane) -> None:
+        """Ask Modal for a call; the asking thread records it durably the moment its id is known."""
         dicts = [task_to_dict(dataclasses.replace(t, attempt=attempt)) for t in tasks]
         b = self.b
-        call_id = b.client.spawn(dicts, b.storage.url, b.endpoint_url, model=b.model, scale=b.scale, gpu=b.gpu)
-        record = {"id": call_id, "attempt": attempt, "lane": lane.name, "t": round(time.time(), 3)}
-        for task in tasks:  # durable before anything is shown
-            b.store.set_fact(b.job, f"call:{task.segment.name}", record)
-        call = _Call(call_id, tasks, attempt, lane, self.now)
+
+        def spawn_and_record() -> str:
+            call_id = b.client.spawn(dicts, b.storage.url, b.endpoint_url, model=b.model, scale=b.scale, gpu=b.gpu)
+            record = {"id": call_id, "attempt": attempt, "lane": lane.name, "t": round(time.time(), 3)}
+            for task in tasks:  # durable before anything is shown, even if this client dies now
+                previous = b.store.fact(b.job, f"call:{task.segment.name}") or {}
+                past = [*previous.get("past", []), previous["id"]] if previous.get("id") else []
+                b.store.set_fact(b.job, f"call:{task.segment.name}", {**record, "past": past})
+            return call_id
+
+        key = next(self._spawn_keys)
+        self.spawning[key] = _Spawning(tasks, attempt, lane)
+        self.asker.ask(("spawn", key), spawn_and_record)
+
+    def _spawned(self, key: int, call_id: str) -> None:
+        spawning = self.spawning.pop(key)
+        call = _Call(call_id, spawning.tasks, spawning.attempt, spawning.lane, self.now)
         self._attach(call)
-        self._open_queue(lane)
+        self._open_queue(spawning.lane)
+        for task in spawning.tasks:
+            snap = self.deferred.pop(task.segment.name, None)
+            if snap is not None:
+                self._on_snapshot(task.segment.name, snap)
+
+    # -- asking Modal ------------------------------------------------------------
+
+    def _ask(self) -> None:
+        """Ask `get` of the calls that are due, unless Modal's transport is backing off."""
+        now = self.now
+        if not self.backoff.may_ask(now):
+            return
+        if self.asker.oldest_pending_s() > self.b.net_deadline_s:
+            self._busy(ModalBusy(f"Modal has not answered for {self.b.net_deadline_s:.0f} s"))
+            return
+        for call in self.calls.values():
+            states = {self.views[t.segment.name].state for t in call.tasks}
+            every = min(self.b.check_s, FINAL_CHECK_S) if states <= {"stored", "failed"} else self.b.check_s
+            if now - call.checked >= every and not self.asker.pending(("get", call.id)):
+                call.checked = now
+                self.asker.ask(("get", call.id), lambda cid=call.id: self.b.client.get(cid, timeout=0))
+        for call_id in self.b._warmups:
+            if now - self._warm_checked.get(call_id, -math.inf) >= self.b.check_s:
+                self._warm_checked[call_id] = now
+                self.asker.ask(("warm", call_id), lambda cid=call_id: self.b.client.get(cid, timeout=0))
+
+    def _collect(self) -> None:
+        """Act on the answers that have arrived since the last pass."""
+        for key in list(self.spawning):
+            future = self.asker.answered(("spawn", key))
+            if future is not None:
+                self._spawned(key, future.result())  # a failed spawn stops the run (it may exist: resume finds it)
+        for call in list(self.calls.values()):
+            future = self.asker.answered(("get", call.id))
+            if future is not None:
+                self._answered(call, future)
+        for call_id in list(self.b._warmups):
+            future = self.asker.answered(("warm", call_id))
+            if future is not None:
+                self._warm_answered(call_id, future)
+
+    def _answered(self, call: _Call, future: Future[Any]) -> None:
+        try:
+            result = future.result()
+        except CallRunning:
+            self.backoff.succeeded()
+            return
+        except ModalBusy as exc:
+            self._busy(exc)
+            return
+        except (CallFailed, CallExpired) as exc:
+            self.backoff.succeeded()
+            self._lost(call, exc)
+            return
+        self.backoff.succeeded()
+        self._completed(call, result)
+
+    def _busy(self, exc: ModalBusy) -> None:
+        """A transport failure: ask again later; past the cap, stop resumably (the calls go on)."""
+        if self.backoff.failed(self.now):
+            raise ModalBusy(
+                f"{exc}; still failing after {self.backoff.failing_s(self.now):.0f} s. "
+                f"The calls go on: `clipexport resume {self.b.job}` re-attaches", resumable=True)
+        logger.warning("%s; asking again in %.0f s", exc, self.backoff.delay_s)
+
+    def _warm_answered(self, call_id: str, future: Future[Any]) -> None:
+        try:
+            future.result()
+        except CallRunning:
+            return
+        except ModalBusy as exc:
+            self._busy(exc)
+            return
+        except BackendError as exc:
+            logger.info("warm-up call %s failed: %s", call_id, exc)
+        else:
+            self.b._warm_known = True
+        self.b._warmups.remove(call_id)
 
     # -- the queue phase -------------------------------------------------------
 
@@ -571,7 +755,10 @@ class _Run:
         self.b._warm_known = True
 
     def _close_queue(self) -> None:
+        """The whole queue phase ends when no lane waits, nor will: a lane whose first spawn is in flight will."""
         if self.queue_since is None or any(ln.queue_since is not None for ln in self.lanes):
+            return
+        if any(not s.lane.used for s in self.spawning.values()):
             return
         self.emit({"type": "phase_end", "phase": "queue", "elapsed": round(self.now - self.queue_since, 3)})
         self.queue_since = None
@@ -595,13 +782,21 @@ class _Run:
         except ClipexportError as exc:  # progress is best effort; completion comes from `get`
             logger.warning("progress channel unreadable: %s", exc)
             return
+        spawning = {t.segment.name for s in self.spawning.values() for t in s.tasks}
         for snap in snapshots:
             name = snap.get("part")
-            if name in self.tasks:
+            if name in spawning:
+                self.deferred[name] = snap  # its call's id is not back yet: shown once it is
+            elif name in self.tasks:
                 self._on_snapshot(name, snap)
 
     def _on_snapshot(self, name: str, snap: dict[str, Any]) -> None:
+        if self._stranger(snap):
+            return
         call = self.call_of.get(name)
+        caller = snap.get("call")
+        if call is not None and caller and caller != call.id:
+            call = None  # an earlier call of ours left this snapshot: nothing about the current one
         attempt = snap.get("attempt") if isinstance(snap.get("attempt"), int) else 1
         if call is not None and attempt >= call.attempt:
             if attempt > call.attempt:  # the container restarted it: a later respawn goes higher
@@ -611,25 +806,23 @@ class _Run:
             self._call_started(call, snap)
         self._show(name, snap, call.lane.name if call is not None else None)
 
+    def _stranger(self, snap: dict[str, Any]) -> bool:
+        """A running call this job never recorded (spawned by a client that died before it could): cancel it."""
+        caller = snap.get("call")
+        if not isinstance(caller, str) or not caller or caller in self.known:
+            return False
+        self.known |= recorded_calls(self.b.store, self.b.job)  # a spawn recorded since the last look
+        if caller in self.known or self.spawning:
+            return False  # ours, or perhaps a spawn whose id is not known yet: judged once none is in flight
+        if snap.get("state") == "running" and caller not in self.strangers:
+            self.strangers.add(caller)
+            logger.warning("%s runs in call %s, which this job never recorded: cancelling it", snap.get("part"), caller)
+            self.asker.ask(("cancel", caller), lambda: self.b.client.cancel(caller))
+        return True
+
     def _show(self, name: str, snap: dict[str, Any], lane: str | None = None) -> None:
         for event in self.views[name].apply(snap, lane):
             self.emit(event)
-
-    def _check_calls(self) -> None:
-        now = self.now
-        for call in list(self.calls.values()):
-            states = {self.views[t.segment.name].state for t in call.tasks}
-            if now - call.checked < self.b.check_s and not states <= {"stored", "failed"}:
-                continue
-            call.checked = now
-            try:
-                result = self.b.client.get(call.id, timeout=0)
-            except TimeoutError:
-                continue  # still running
-            except (CallFailed, CallExpired) as exc:
-                self._lost(call, exc)
-                continue
-            self._completed(call, result)
 
     def _release(self, call: _Call) -> None:
         self.calls.pop(call.id, None)
@@ -658,8 +851,7 @@ class _Run:
                                                      elapsed=seg.get("elapsed"), skipped=bool(seg.get("skipped"))),
                            call.lane.name)
         if result.get("error") and not result.get("resumable", True):
-            self._cancel_all()  # the job cannot succeed: stop paying for the rest
-            raise BackendError(str(result["error"]), resumable=False)
+            self._fail(BackendError(str(result["error"]), resumable=False))
         unfinished = [t for t in call.tasks if not self.views[t.segment.name].finished]
         if unfinished:
             why = result.get("error") or f"the call returned without {unfinished[0].segment.name}"
@@ -680,16 +872,18 @@ class _Run:
                                                     elapsed=None, skipped=False), call.lane.name)
                 continue
             message = str(exc) if str(exc).startswith(f"{name}: ") else f"{name}: {view.error or exc}"
+            if not exc.resumable:
+                self._fail(BackendError(message, resumable=False))
             tries = self.respawns.get(name, 0)
-            if tries >= self.b.max_respawns:
+            if tries >= self.b.max_respawns or isinstance(exc, (CallTimedOut, CallCancelled)):
                 raise BackendError(message, resumable=True)
             self.respawns[name] = tries + 1
             logger.warning("%s; running it again", message)
             self.queued.appendleft((task, max(view.attempt, call.attempt) + 1))
 
-    def _cancel_all(self) -> None:
-        for call in list(self.calls.values()):
-            try:
-                self.b.client.cancel(call.id)
-            except BackendError:
-                continue
+    def _fail(self, exc: BackendError) -> None:
+        """The job cannot succeed: cancel the other calls (asked, not awaited) to stop paying for them."""
+        asked = [self.asker.ask(("cancel", call.id), lambda cid=call.id: self.b.client.cancel(cid))
+                 for call in self.calls.values()]
+        wait_futures(asked, timeout=STOP_GRACE_S)  # bounded: a failing run still ends promptly
+        raise exc
