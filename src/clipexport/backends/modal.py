@@ -80,6 +80,7 @@ MAX_RESPAWNS = 1  # per segment and run: a crashed call is spawned again (Modal 
 BUSY_MAX_DELAY_S = 60.0  # the longest pause between questions while Modal's transport fails
 BUSY_CAP_S = 600.0  # transport failures for this long stop the run, resumably
 NET_DEADLINE_S = 90.0  # a question unanswered this long counts as a transport failure
+WARM_ANSWER_S = 2.0  # at the start of a run, how long the warm-ups' answers may take before anything shows
 STOP_GRACE_S = 5.0  # on a failure that ends the job, how long cancelling the other calls may take
 
 
@@ -485,6 +486,7 @@ class _Spawning:
     tasks: list[SegmentTask]
     attempt: int
     lane: _Lane
+    asked: float  # on the backend's clock
 
 
 class _Run:
@@ -524,6 +526,7 @@ class _Run:
     def run(self) -> None:
         self._reattach()
         self._follow_channel()
+        self._first_warm_answers()
         for call in self.calls.values():  # re-attached and still waiting: the wait goes on
             if not call.started:
                 self._open_queue(call.lane, waited=call.waited)
@@ -631,12 +634,12 @@ class _Run:
             return call_id
 
         key = next(self._spawn_keys)
-        self.spawning[key] = _Spawning(tasks, attempt, lane)
+        self.spawning[key] = _Spawning(tasks, attempt, lane, self.now)
         self.asker.ask(("spawn", key), spawn_and_record)
 
     def _spawned(self, key: int, call_id: str) -> None:
         spawning = self.spawning.pop(key)
-        call = _Call(call_id, spawning.tasks, spawning.attempt, spawning.lane, self.now)
+        call = _Call(call_id, spawning.tasks, spawning.attempt, spawning.lane, spawning.asked)
         self._attach(call)
         self._open_queue(spawning.lane)
         for task in spawning.tasks:
@@ -664,6 +667,17 @@ class _Run:
             if now - self._warm_checked.get(call_id, -math.inf) >= self.b.check_s:
                 self._warm_checked[call_id] = now
                 self.asker.ask(("warm", call_id), lambda cid=call_id: self.b.client.get(cid, timeout=0))
+
+    def _first_warm_answers(self) -> None:
+        """Ask the warm-ups once, waiting a bounded moment, so the first heartbeat knows what it waits for."""
+        asked = [self.asker.ask(("warm", cid), lambda cid=cid: self.b.client.get(cid, timeout=0))
+                 for cid in self.b._warmups]
+        self._warm_checked.update((cid, self.now) for cid in self.b._warmups)
+        wait_futures(asked, timeout=WARM_ANSWER_S)
+        for call_id in list(self.b._warmups):
+            future = self.asker.answered(("warm", call_id))
+            if future is not None:
+                self._warm_answered(call_id, future)
 
     def _collect(self) -> None:
         """Act on the answers that have arrived since the last pass."""
@@ -767,12 +781,13 @@ class _Run:
             self.loaded = []
 
     def _heartbeat(self) -> None:
-        waiting = [c for c in self.calls.values() if not c.started]
-        if not waiting:
+        since = [c.spawned for c in self.calls.values() if not c.started]
+        since += [s.asked for s in self.spawning.values()]  # a spawn in flight waits too
+        if not since:
             return
         detail = "waiting for GPU" if self.b._warm_known else "cold start"
-        self.emit({"type": "heartbeat", "phase": "queue", "detail": detail, "waiting": len(waiting),
-                   "elapsed": round(self.now - min(c.spawned for c in waiting), 1)})
+        self.emit({"type": "heartbeat", "phase": "queue", "detail": detail, "waiting": len(since),
+                   "elapsed": round(self.now - min(since), 1)})
 
     # -- following -------------------------------------------------------------
 
