@@ -29,7 +29,7 @@ from clipexport.progress.display import (
 from clipexport.events import Emitter, validate_event
 from clipexport.progress import TimingModel, fit_logs
 from clipexport.progress.replay import replay_events
-from clipexport.progress.text import skip_notes
+from clipexport.progress.text import skip_notes, summary_parts
 from clipexport.progress.tracker import JobInfo
 from clipexport.progress.estimator import Estimate
 
@@ -533,3 +533,14 @@ def fit_logs_of(tmp_path, job):
 def test_auto_mode_gives_a_terminal_without_cursor_control_plain_lines(term, chosen):
     assert choose_mode("auto", True, term) == chosen
     assert choose_mode("rich", True, term) == "rich"  # asked for by name: as asked
+
+
+def test_summary_gives_no_speed_when_earlier_work_was_reused():
+    tracker = Tracker()
+    tracker.estimator = KnownEnd(T0 + 24.2)
+    for event in local_job():
+        tracker.feed(dict(event, skipped=True) if event["type"] == "progress" and event["phase"] == "upscale"
+                     else event)
+    snap = tracker.snapshot(T0 + 30)
+    assert skip_notes(snap.phases, snap.info) == ["1 of 1 segment already rendered"]
+    assert summary_parts(snap) == ["1.2 MB", "640x480", "8.3 s of video", "took 0:00:24"]

@@ -383,7 +383,7 @@ class PlainDisplay(Display):
         snap = self.tracker.snapshot(now)
         if snap.state == "done":
             where = [f"done → {snap.message}"] if snap.message else ["done"]
-            self._write(now, " · ".join(["100%", *where, *summary_parts(snap.info, snap.elapsed)]))
+            self._write(now, " · ".join(["100%", *where, *summary_parts(snap)]))
         elif snap.state == "error":
             self._write(now, f"failed after {clock(snap.elapsed)}: {snap.message or 'unknown error'}")
         elif snap.state == "cancelled":
@@ -656,7 +656,7 @@ class ProgressView:
         if snap.state == "done":
             if snap.message:
                 yield Text(f"output {snap.message}", style="green", overflow="fold")
-            yield from _lines(summary_parts(snap.info, snap.elapsed), width, "green")
+            yield from _lines(summary_parts(snap), width, "green")
         elif snap.state == "error" and snap.message:
             yield Text(f"error: {snap.message}", style="red", overflow="fold")
 

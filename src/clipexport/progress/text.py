@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .tracker import JobInfo, PhaseRow
+    from .tracker import JobInfo, PhaseRow, Snapshot
 
 ALMOST_DONE_S = 10.0
 
@@ -179,9 +179,11 @@ def header_parts(info: JobInfo) -> list[str]:
     return parts
 
 
-def summary_parts(info: JobInfo, elapsed: float) -> list[str]:
+def summary_parts(snap: Snapshot) -> list[str]:
     """The end of a finished job, after its output path: size, resolution,
-    duration, time taken, average speed, cost (each only when known)."""
+    duration, time taken, average speed, cost (each only when known). No
+    speed when earlier work was reused: it would count frames not rendered."""
+    info, elapsed = snap.info, snap.elapsed
     parts = []
     if info.output_bytes is not None:
         parts.append(size_text(info.output_bytes))
@@ -190,7 +192,7 @@ def summary_parts(info: JobInfo, elapsed: float) -> list[str]:
     if info.duration_s is not None:
         parts.append(f"{duration_text(info.duration_s)} of video")
     parts.append(f"took {clock(elapsed)}")
-    if info.frames and elapsed > 0:
+    if info.frames and elapsed > 0 and not any(row.skipped for row in snap.phases):
         speed = f"{rate_text(info.frames / elapsed, 'frames')}"
         if info.duration_s:
             speed += f" ({info.duration_s / elapsed:.2g}x real time)"
@@ -208,7 +210,7 @@ def skip_notes(rows: Iterable[PhaseRow], info: JobInfo) -> list[str]:
             continue
         if row.phase == "upscale":
             of = info.segments or row.parts
-            notes.append(f"{row.skipped} of {of} segments already rendered")
+            notes.append(f"{row.skipped} of {of} segment{'s' if of != 1 else ''} already rendered")
         elif row.phase == "upload":
             if row.skipped == row.parts:
                 notes.append("upload skipped: already in the store")
