@@ -107,13 +107,13 @@ def test_plain_lines_header_phase_changes_every_five_seconds_at_first_and_summar
         "22:13:22  load_model done in 0:00:02\n"
         "22:13:22  upscale started\n"
         "22:13:22  encode started\n"
-        "22:13:25   23% · upscale 30/200 frames, 10 frames/s; encode 15/200 frames, 5.4 frames/s"
+        "22:13:25   23% · upscale 30/200 frames, 10 frames/s"
         " · 0:00:05 elapsed · Less than a minute remaining\n"
-        "22:13:30   44% · upscale 80/200 frames, 10 frames/s; encode 65/200 frames, 8.3 frames/s"
+        "22:13:30   44% · upscale 80/200 frames, 10 frames/s"
         " · 0:00:10 elapsed · Less than a minute remaining\n"
-        "22:13:35   64% · upscale 130/200 frames, 10 frames/s; encode 115/200 frames, 9.0 frames/s"
+        "22:13:35   64% · upscale 130/200 frames, 10 frames/s"
         " · 0:00:15 elapsed · Almost done…\n"
-        "22:13:40   85% · upscale 180/200 frames, 10 frames/s; encode 165/200 frames, 9.3 frames/s"
+        "22:13:40   85% · upscale 180/200 frames, 10 frames/s"
         " · 0:00:20 elapsed · Almost done…\n"
         "22:13:42  upscale done in 0:00:20\n"
         "22:13:43  encode done in 0:00:20\n"
@@ -544,3 +544,9 @@ def test_summary_gives_no_speed_when_earlier_work_was_reused():
     snap = tracker.snapshot(T0 + 30)
     assert skip_notes(snap.phases, snap.info) == ["1 of 1 segment already rendered"]
     assert summary_parts(snap) == ["1.2 MB", "640x480", "8.3 s of video", "took 0:00:24"]
+
+
+def test_plain_status_line_shows_upscale_and_encode_as_one():
+    assert status_line(snapshot_cloud()) == (
+        " 43% · load_model: loading model; upscale 576/1,440 frames, 12 frames/s, encode 96 behind;"
+        " download 12.0 MB, 2.5 MB/s · 0:01:35 elapsed · About 1 hour 10 minutes remaining")

@@ -280,13 +280,12 @@ class _Ticker:
 # -- plain lines ---------------------------------------------------------------
 
 
-def phase_text(row: PhaseRow) -> str:
-    """One phase for a plain line: 'upscale 576/1,440 frames, 12 frames/s'."""
+def phase_text(row: PhaseRow, note: str = "") -> str:
+    """One phase for a plain line: 'upscale 576/1,440 frames, 12 frames/s, encode 96 behind'."""
     if row.state == "waiting" or row.unit is None:
         return f"{row.phase}: {row.detail}" if row.detail else f"{row.phase}: waiting"
-    text = f"{row.phase} {amount(row.done, row.total, row.unit)}"
-    rate = rate_text(row.rate, row.unit)
-    return f"{text}, {rate}" if rate else text
+    parts = [f"{row.phase} {amount(row.done, row.total, row.unit)}", rate_text(row.rate, row.unit), note]
+    return ", ".join(p for p in parts if p)
 
 
 def percent(fraction: float) -> str:
@@ -296,7 +295,7 @@ def percent(fraction: float) -> str:
 
 def status_line(snap: Snapshot) -> str:
     """The body of a periodic plain line (no timestamp)."""
-    active = [phase_text(r) for r in snap.phases if r.state in ("running", "waiting")]
+    active = [phase_text(r, note) for r, note in merged(snap.phases) if r.state in ("running", "waiting")]
     parts = [percent(snap.fraction)]
     if active:
         parts.append("; ".join(active))
@@ -544,32 +543,37 @@ def _phase_row(row: PhaseRow, note: str = "") -> _Row:
     return _Row(row.phase, row.state, frac, pct, what, info, max(width, len(what)), note)
 
 
-def _upscale_row(up: PhaseRow, enc: PhaseRow) -> _Row:
+def _upscale_row(up: PhaseRow, enc: PhaseRow) -> tuple[PhaseRow, str]:
     """Upscale and encode as one row: they run together, frame by frame.
 
     Encoding left after the last upscaled frame shows as encode's own count;
     before that, encode's lag shows once it is worth `LAG_S` of upscaling.
     """
     if up.state == "done" and enc.state == "running":
-        return _phase_row(dataclasses.replace(enc, phase=up.phase), "encoding")
-    note = ""
+        return dataclasses.replace(enc, phase=up.phase), "encoding"
     lag = up.done - enc.done
     if enc.state == "running" and up.rate and lag / up.rate >= LAG_S:
-        note = f"encode {lag:,.0f} behind"
-    return _phase_row(up, note)
+        return up, f"encode {lag:,.0f} behind"
+    return up, ""
 
 
-def _rows(snap: Snapshot) -> list[_Row]:
-    """The rows of a snapshot, upscale and encode merged, the overall row last."""
-    by_name = {r.phase: r for r in snap.phases}
+def merged(phases: tuple[PhaseRow, ...]) -> list[tuple[PhaseRow, str]]:
+    """The phases as every view shows them, each with a note: upscale and encode as one."""
+    by_name = {r.phase: r for r in phases}
     up, enc = by_name.get("upscale"), by_name.get("encode")
     rows = []
-    for row in snap.phases:
+    for row in phases:
         if up is not None and enc is not None and row.phase in ("upscale", "encode"):
             if row.phase == "upscale":
                 rows.append(_upscale_row(up, enc))
             continue
-        rows.append(_phase_row(row))
+        rows.append((row, ""))
+    return rows
+
+
+def _rows(snap: Snapshot) -> list[_Row]:
+    """The rows of a snapshot, upscale and encode merged, the overall row last."""
+    rows = [_phase_row(row, note) for row, note in merged(snap.phases)]
     elapsed = f"{clock(snap.elapsed)} elapsed"
     rows.append(_Row("overall", snap.state, snap.fraction, percent(snap.fraction).strip(), elapsed, snap.eta_text,
                      len(elapsed)))
