@@ -227,17 +227,19 @@ JobArg = Annotated[str, typer.Argument(metavar="JOB", help="The job id (see `cli
 INPUT, OUTPUT, MODEL, CLOUD = "Input", "Output", "Model and quality", "Cloud"
 
 
-def _examples(*lines: str) -> str:
-    """An Examples section for a command's help (its epilog)."""
-    return "Examples\n\n" + "\n\n".join(f"  {line}" for line in lines)
+def _examples(*examples: str) -> str:
+    """An Examples section for a command's help (its epilog): each example a
+    command, with a `# comment` line above it where it needs one."""
+    return "Examples\n\n" + "\n\n".join("\n".join(f"  {line}" for line in e.split("\n")) for e in examples)
 
 
 @app.command(cls=_Command, epilog=_examples(
-    "clipexport render clip.mp4 -o clip-x4.mp4                      # 4x, default model, this machine",
-    "clipexport render a.mp4 b.mp4 -o out.mp4 --scale 2 --trim 0-10 # first 10 s of each, joined",
-    "clipexport render clip.mp4 -o out.mp4 --estimate               # how long it would take",
-    "clipexport render clip.mp4 -o out.mp4 --backend modal --storage r2://bucket/clipexport",
-    "clipexport render clip.mp4 -o out.mp4 --json | jq -c 'select(.type==\"snapshot\")'"))
+    "# 4x with the default model, on this machine\nclipexport render clip.mp4 -o clip-x4.mp4",
+    "# the first 10 s of each, joined, at 2x\nclipexport render a.mp4 b.mp4 -o out.mp4 --scale 2 --trim 0-10",
+    "# how long it would take; nothing runs\nclipexport render clip.mp4 -o out.mp4 --estimate",
+    "# on Modal GPUs, through an R2 bucket\nclipexport render clip.mp4 -o out.mp4 --backend modal \\\n"
+    "    --storage r2://bucket/clipexport",
+    "# progress for a script\nclipexport render clip.mp4 -o out.mp4 --json | jq 'select(.type==\"snapshot\")'"))
 def render(
     inputs: Annotated[list[Path], typer.Argument(metavar="INPUT",
                                                  help="Input clips, joined in this order into one output.")],
@@ -458,8 +460,9 @@ def _refit_timing_model(store: JobStore, keep: int = 200) -> None:
         logging.getLogger(__name__).warning("could not refit the timing model: %s", exc)
 
 
-@app.command(cls=_Command, epilog=_examples("clipexport resume cx-3f9a1c",
-                                            "clipexport resume cx-3f9a1c --force   # inputs changed: redo what they affect"))
+@app.command(cls=_Command, epilog=_examples(
+    "clipexport resume cx-3f9a1c",
+    "# an input changed since: re-render only what it affects\nclipexport resume cx-3f9a1c --force"))
 def resume(
     job: JobArg,
     force: Annotated[bool, typer.Option("--force", help="Accept inputs changed since the job started.")] = False,
