@@ -66,6 +66,7 @@ def test_verbose_json_render_then_quiet_render(tmp_path):
                                "--progress-interval", "0.1", "-v"])
     assert loud.exit_code == 0, loud.stderr
     assert re.search(r"\[Progress Event\] job=cx-\w+ phase=upscale event=phase_end", loud.stderr)
+    assert re.search(r"job cx-\w+: event log .+\.jsonl; segments in .+; backend local, device cpu", loud.stderr)
     lines = [json.loads(line) for line in loud.stdout.splitlines()]
     for event in lines:
         events.validate_event(event)

@@ -415,6 +415,10 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     mode = choose_mode(mode, sys.stderr.isatty(), os.environ.get("TERM"))
     segment_root = config.data_dir() / "store"
     with make_display(mode, tracker=tracker, interval=interval) as display, _verbose_logs(display):
+        logging.getLogger(__name__).debug(
+            "job %s: event log %s; segments in %s; backend %s, device %s, model %s x%s, %s frames a segment",
+            record.id, store.log_path(record.id), segment_root, spec.backend, _device_name(spec), spec.model,
+            spec.scale, spec.segment_frames)
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
