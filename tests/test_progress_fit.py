@@ -149,7 +149,7 @@ def test_replay_of_a_truncated_trace_matches_the_whole_up_to_the_cut(logs, tmp_p
     part = list(replay_traces([cut], model))
     assert len(full) == len(lines) and len(part) == len(lines) // 3
     assert part == full[: len(part)]
-    assert set(full[0]) == {"trace", "seq", "t", "fraction", "remaining_s"}
+    assert set(full[0]) == {"trace", "seq", "t", "fraction", "remaining_s", "remaining_lo_s", "remaining_hi_s"}
     assert full[-1]["fraction"] == 1.0 and full[-1]["remaining_s"] == 0.0
     assert all(a["fraction"] <= b["fraction"] for a, b in zip(full, full[1:]))
 

@@ -310,7 +310,7 @@ def render(
         _preflight(spec)
         prepared = prepare_job(spec, force=force or estimate)  # an estimate writes nothing
         if estimate:
-            _print_estimate(prepared, spec)
+            _print_estimate(prepared, spec, as_json=json_out)
             return
         store = _store()
         record = store.create(spec)
@@ -373,18 +373,24 @@ def _preflight(spec: JobSpec) -> None:
         preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
 
 
-def _print_estimate(prepared: Any, spec: JobSpec) -> None:
+def _print_estimate(prepared: Any, spec: JobSpec, *, as_json: bool = False) -> None:
+    """What `render` would take: the same plan, device and model (a probe kept from an earlier job included)."""
     from clipexport.orchestrator import build_plan
     from clipexport.progress import estimate_plan, load_model
     from clipexport.progress.text import clock
 
     total_bytes = sum(i.size_bytes for i in prepared.infos)
-    plan = build_plan(prepared, input_bytes=total_bytes, backend=spec.backend, device=spec.device)
+    plan = build_plan(prepared, input_bytes=total_bytes, backend=spec.backend, device=_device_name(spec))
     plan.update(v=events.VERSION, job="estimate", seq=0, t=time.time())
     estimate = estimate_plan(plan, load_model())
+    if as_json:
+        print(json.dumps({**estimate, "features": plan["features"]}))
+        return
     for phase, seconds in estimate["phases"].items():
         print(f"{phase:<12} {clock(seconds)}")
     print(f"{'total':<12} {clock(estimate['total_s'])}")
+    if "total_lo_s" in estimate:
+        print(f"{'80 % range':<12} {clock(estimate['total_lo_s'])} to {clock(estimate['total_hi_s'])}")
 
 
 def _device_name(spec: JobSpec) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clipexport.backends.base import EmitFn
+from clipexport.backends.probe import probe_speed
 from clipexport.errors import Interrupted
 from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
@@ -44,7 +45,7 @@ class LocalBackend:
     def run(self, tasks: Sequence[SegmentTask], emit: EmitFn, stop: threading.Event) -> None:
         if not tasks:
             return
-        upscaler = self._load(emit)
+        upscaler = self._load(emit, tasks[0].clip.size)
         for task in tasks:
             if stop.is_set():
                 raise Interrupted("stopped before all segments were done")
@@ -68,8 +69,12 @@ class LocalBackend:
         if last is not None:
             emit(last)
 
-    def _load(self, emit: EmitFn) -> FrameUpscaler:
-        """Load the model once, with heartbeats (and download bytes) meanwhile."""
+    def _load(self, emit: EmitFn, size: tuple[int, int]) -> FrameUpscaler:
+        """Load the model once and probe its speed at the job's frame `size`, with heartbeats meanwhile.
+
+        The probe's seconds per pixel ride on the load's `phase_end` (field
+        `probe`): the ETA's prior for this device from then on.
+        """
         if self._upscaler is not None:
             return self._upscaler
         emit({"type": "phase_start", "phase": "load_model"})
@@ -82,7 +87,8 @@ class LocalBackend:
 
         def load() -> None:
             try:
-                result["upscaler"] = self._loader(on_bytes)
+                upscaler = result["upscaler"] = self._loader(on_bytes)
+                result["probe"] = probe_speed(upscaler, *size, device=device_name(upscaler.device))
             except BaseException as exc:  # re-raised in the caller's thread
                 result["error"] = exc
 
@@ -98,7 +104,8 @@ class LocalBackend:
             raise
         if "error" in result:
             raise result["error"]
-        emit({"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3)})
+        emit({"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3),
+              "probe": result["probe"]})
         self._upscaler = result["upscaler"]
         return self._upscaler
 

@@ -37,7 +37,7 @@ __all__ = [
 
 
 def estimate_plan(plan_event: dict[str, Any], model: TimingModel | None = None) -> dict[str, Any]:
-    """The up-front estimate for a plan: {"total_s": float, "phases": {name: seconds}}.
+    """The up-front estimate for a plan: {"total_s", "total_lo_s", "total_hi_s" (the 80 % range), "phases"}.
 
     Nothing runs: the plan alone is fed to the estimator at the plan's time.
     Each phase gets the time it adds to the job's critical path, so the
@@ -57,4 +57,7 @@ def estimate_plan(plan_event: dict[str, Any], model: TimingModel | None = None) 
     est = Estimator(model, skew=0.0, scenarios=False).estimate(st, now)
     phases = {name: round(est.phases.get(name, 0.0), 3) for name in st.order}
     total = est.remaining_s if est.remaining_s is not None else sum(phases.values())
-    return {"total_s": round(total, 3), "phases": phases}
+    out: dict[str, Any] = {"total_s": round(total, 3), "phases": phases}
+    if est.remaining_lo_s is not None and est.remaining_hi_s is not None:
+        out.update(total_lo_s=round(est.remaining_lo_s, 3), total_hi_s=round(est.remaining_hi_s, 3))
+    return out

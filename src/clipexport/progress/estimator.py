@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .model import Dist, TimingModel
+from .segments import container_kind, first_on_worker, settle_point
 from .state import JobState, PartState, PhaseState
 
 PRE = ("prepare", "upload")
@@ -39,6 +40,7 @@ START = ("queue", "load_model")
 WORK = ("upscale", "encode", "download")
 POST = ("finalize",)
 KNOWN = PRE + START + WORK + POST
+Z80 = 1.2816  # the normal quantile at 90 %: 80 % of the mass lies within +-Z80 sd
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Estimate:
     remaining_s: float | None  # None: nothing to go on
     phases: dict[str, float] = field(default_factory=dict)  # remaining seconds attributed to each phase
     rates: dict[str, float] = field(default_factory=dict)  # observed rate of each phase, unit per second
+    remaining_lo_s: float | None = None  # the 80 % range of remaining_s: 10 % of jobs end sooner,
+    remaining_hi_s: float | None = None  # 10 % later
 
 
 def blend(log_prior: float, sd_prior: float, log_obs: float | None, evidence_s: float, tau_s: float) -> float:
@@ -83,7 +87,15 @@ class Estimator:
         settle_frames: float | None = None,
         scenarios: bool = True,
         skew_download: float | None = None,
+        settle_samples: int = 1,
+        range_scale: float = 2.5,
+        range_floor: float = 0.03,
+        range_default_sd: float = 0.3,
     ) -> None:
+        self.range_scale = range_scale
+        self.range_floor = range_floor
+        self.range_default_sd = range_default_sd
+        self.settle_samples = settle_samples
         self.skew_download = skew if skew_download is None else skew_download
         self.settle_frames = settle_frames
         self.scenarios = scenarios
@@ -134,6 +146,7 @@ class _Run:
         self.rates: dict[str, float] = {}
         self.observed_upload: tuple[float, float] | None = None  # (rate, evidence s)
         self.out_bytes_total: float | None = None  # predicted size of the output, for finalize
+        self.spf_sd = est.range_default_sd  # spread of log time per frame still open (no GPU work seen yet)
 
     def add(self, phase: str, seconds: float) -> None:
         if seconds > 0:
@@ -187,7 +200,19 @@ class _Run:
         if not known_any:
             return Estimate(None, rates=self.rates)
         remaining = max(end - now, self.est.min_remaining_s)
-        return Estimate(remaining, dict(self.attr), dict(self.rates))
+        lo, hi = self._range(remaining)
+        return Estimate(remaining, dict(self.attr), dict(self.rates), lo, hi)
+
+    def _range(self, remaining: float) -> tuple[float, float]:
+        """The 80 % range around `remaining`: log-normal, as wide as what is still uncertain.
+
+        The spread is the time-per-frame prior's, narrowed by the evidence
+        as the blend weighs it (sd x sqrt(1 - w)), over a floor for what no
+        prior states (machine noise, the tail of a job); calibrated on the
+        reference traces (`bench/eta_accuracy.py` prints the coverage).
+        """
+        s = math.hypot(self.spf_sd * self.est.range_scale, self.est.range_floor)
+        return max(remaining * math.exp(-Z80 * s), 0.0), remaining * math.exp(Z80 * s)
 
     def _after(self, cursor: float, names: list[str], first: str | None) -> tuple[float, bool]:
         """(end of the job, anything estimated) from `cursor`: GPU work, then what follows."""
@@ -429,10 +454,9 @@ class _Run:
 
     def _kind(self, c: PartState, loadph: PhaseState | None) -> str | None:
         """'warm' or 'cold' once known, from the queue end detail or what followed."""
-        if c.detail in ("warm", "cold start", "cold"):
-            return "warm" if c.detail == "warm" else "cold"
-        if loadph is not None and c.key in loadph.parts:
-            return "cold"
+        kind = container_kind(c, loadph)
+        if kind is not None:
+            return kind
         if c.ended:
             return "warm" if (c.end_t or 0) - (c.start_t or 0) <= self.model.warm_wait().q[-1] else "cold"
         if c.start_t is not None and self.now - c.start_t > self.model.warm_wait().q[-1]:
@@ -441,38 +465,20 @@ class _Run:
 
     # -- segments ----------------------------------------------------------------
 
-    def _first_on_worker(self, up: PhaseState) -> set[str]:
-        """Parts that are the first their worker ran: they carry the warm-up."""
-        first: dict[str | None, tuple[float, str]] = {}
-        for key, p in up.parts.items():
-            if p.start_t is None:
-                continue
-            w = p.worker
-            if w is None or p.attempt > 1:
-                w = f"{w}#{key}" if p.attempt > 1 else None  # a restart runs on a fresh container
-            if w not in first or p.start_t < first[w][0]:
-                first[w] = (p.start_t, key)
-        return {key for _, key in first.values()}
-
     def _settled(self, p: PartState, warm: bool) -> tuple[float, float] | None:
         """The (t, done) from which the part's rate is measured: past the warm-up."""
-        if not p.early:
-            return None
         if not warm:
             skip = 0.0
         elif self.est.settle_frames is not None:
             skip = self.est.settle_frames
         else:
             skip = self.model.constant("upscale", "settle_frames")
-        d0 = p.early[0][1]
-        for t, d in p.early:
-            if d >= d0 + skip:
-                return t, d
-        return None
+        probed = self.st.probe is not None  # the probe's untimed pass took the warm-up
+        return settle_point(p, skip, self.est.settle_samples if probed else None)
 
     def _spf(self, up: PhaseState, firsts: set[str]) -> tuple[float, float]:
         """(seconds per frame of one container, evidence seconds)."""
-        mu, sd = self.model.spf(self.f)
+        mu, sd = self.model.spf(self.f, self.st.probe)
         mu -= self.est.skew * sd * sd
         overhead = self.model.constant("upscale", "overhead_s")
         grace = self._grace_frames(math.exp(mu))
@@ -505,12 +511,15 @@ class _Run:
         else:
             obs = None
         log_spf = blend(mu, sd, obs, time, self.est.tau_spf)
+        sd_wide = max(sd, abs(obs - mu) / 2.0, 1e-3) if obs is not None else sd
+        k = self.est.tau_spf / sd_wide**2
+        self.spf_sd = sd_wide * math.sqrt(k / (time + k)) if time > 0 else sd
         return math.exp(log_spf), time
 
     def _warm_excess(self, spf: float) -> float:
-        """Extra seconds of a container's first segment (kernels tuned, caches filled)."""
+        """Extra seconds of a container's first segment (kernels tuned, caches filled): none after a probe."""
         w = self.model.section("upscale").get("warmup") or {}
-        if not w:
+        if not w or self.st.probe is not None:
             return 0.0
         return math.exp(float(w["a"]) + float(w["b"]) * math.log(max(spf, 1e-6)))
 
@@ -544,15 +553,15 @@ class _Run:
         unseen = max(0.0, (total or 0.0) - seen) if up.parts else (total or 0.0)
         if not up.parts and up.done > 0:
             unseen = max(0.0, unseen - up.done)  # a phase counted as a whole
-        pending = []
+        pending = [(key, p.total if p.total is not None else seg)  # halted by a stop: they run again
+                   for key, p in up.parts.items() if p.start_t is None and p.end_t is None and p.lost_done > 0]
         i = len(up.parts)
         while unseen > 1e-9:
             n = min(seg, unseen)
             i += 1
             pending.append((f"seg-{i:04d}", n))
             unseen -= n
-        count = len(up.parts) + len(pending)
-        return pending, count
+        return pending, i
 
     def _work(self, cursor: float, first: str | None = None) -> tuple[float, bool]:
         """(time the GPU work and downloads end, whether anything was estimated)."""
@@ -573,7 +582,7 @@ class _Run:
             return end, any(n in st.phases for n in START)
         if up.ended and (enc is None or enc.ended) and (dl is None or dl.ended):
             return start_cursor, True
-        firsts = self._first_on_worker(up)
+        firsts = first_on_worker(up)
         spf, _ = self._spf(up, firsts)
         grace = self._grace_frames(spf)
         overhead = model.constant("upscale", "overhead_s")

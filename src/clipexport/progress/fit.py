@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ..events import read_events
-from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, out_pixels
+from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, out_pixels, probe_key
+from .segments import container_kind, first_on_worker, settle_point
 from .state import JobState
 
 # Ridge weights of the spf terms, in jobs: how much data a level needs to move.
@@ -110,15 +111,20 @@ class _Samples:
         self.flush: list[float] = []
         self.dl_latency: list[float] = []
         self.finalize: dict[str, list[tuple[float, float]]] = defaultdict(list)  # backend -> (GB, s)
+        self.probes: dict[str, list[float]] = defaultdict(list)  # probe_key -> seconds per pixel
 
 
 def _collect(jobs: Iterable[JobState]) -> _Samples:
     s = _Samples()
     for st in jobs:
-        if st.terminal != "done" or not st.phases:
+        if st.terminal != "done" or not st.phases or st.reused:  # a job served from cache did not render
             continue
         s.jobs += 1
         f = st.features
+        if st.probe is not None:
+            pr = st.probe
+            s.probes[probe_key(pr.get("device"), pr.get("model"), pr.get("scale"), pr.get("precision"))].append(
+                float(pr["s_per_px"]))
         backend = str(f.get("backend", ""))
         model = str(f.get("model", ""))
         ph = st.phases
@@ -149,11 +155,7 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
         enc = ph.get("encode")
         seg_frames: dict[str, float] = {}
         if up:
-            firsts: dict[str, tuple[float, str]] = {}
-            for key, p in up.parts.items():
-                if p.start_t is not None and (p.worker not in firsts or p.start_t < firsts[p.worker or "?"][0]):
-                    firsts[p.worker or "?"] = (p.start_t, key)
-            first_keys = {k for _, k in firsts.values()}
+            first_keys = first_on_worker(up)
             segs = []  # (frames, span, steady spf or None, first on its worker)
             by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
             for key, p in up.parts.items():
@@ -164,8 +166,7 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
                 first = key in first_keys
                 steady = None
                 if first and p.early:
-                    d0 = p.early[0][1]
-                    settle = next(((t, d) for t, d in p.early if d >= d0 + _SETTLE_FRAMES), None)
+                    settle = settle_point(p, _SETTLE_FRAMES)
                     if settle and p.done > settle[1] + 5:
                         steady = (p.end_t - settle[0]) / (p.done - settle[1])  # type: ignore[operator]
                 elif not first:
@@ -212,7 +213,7 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
                 if span is None or c.detail == "cancelled":
                     kinds.append(None)
                     continue
-                cold = c.detail in ("cold start", "cold") or (lm is not None and c.key in lm.parts)
+                cold = container_kind(c, lm) == "cold"
                 (s.cold if cold else s.warm).append(span)
                 kinds.append(not cold)
             warm_n = 0
@@ -492,4 +493,9 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     if not fsec:
         fsec = dict(GENERIC["finalize"])
     out["finalize"] = fsec
+    # this machine's speed probes: the latest jobs' median, each device kept apart
+    probes = dict(ref.data.get("probes") or {})
+    probes.update({key: float(f"{_median(xs[-20:], 0.0):.4g}") for key, xs in s.probes.items()})
+    if probes:
+        out["probes"] = probes
     return TimingModel(out)

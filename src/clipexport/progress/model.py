@@ -20,11 +20,18 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "clipexport-timing-model"
 VERSION = 1
@@ -155,6 +162,8 @@ GENERIC: dict[str, Any] = {
         "settle_frames": 15,
         "warmup_frames": 3.5,
         "warmup": {"a": 2.1, "b": 0.6},
+        "probe_log_ratio": 0.0,
+        "probe_sd": 0.25,
     },
     "encode": {"flush_s": 0.75},
     "finalize": {"*": {"base_s": 0.3, "s_per_gb": 2.5, "max_s": 30.0}},
@@ -192,11 +201,20 @@ class TimingModel:
         return cls({"format": FORMAT, "version": VERSION, "jobs": 0})
 
     def save(self, path: str | Path) -> None:
+        """Write atomically (a private temporary file renamed into place) under a lock.
+
+        Two jobs finishing at once both refit: the lock keeps their writes
+        one after the other, the rename keeps a reader from seeing half a file.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(dumps(self.data), encoding="utf-8")
-        tmp.replace(path)
+        with _locked(path.with_name(path.name + ".lock")):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                tmp.write_text(dumps(self.data), encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def to_json(self) -> dict[str, Any]:
         return self.data
@@ -276,13 +294,18 @@ class TimingModel:
         gb = (out_bytes or 0.0) / 1e9
         return min(float(entry["base_s"]) + float(entry["s_per_gb"]) * gb, float(entry.get("max_s", 60.0)))
 
-    def spf(self, features: Mapping[str, Any]) -> tuple[float, float]:
+    def spf(self, features: Mapping[str, Any], probe: Mapping[str, Any] | None = None) -> tuple[float, float]:
         """Prior of the seconds per frame of one container: (log_mu, sd).
 
+        A speed probe of this job (`probe`), else one kept from an earlier
+        job on this device, wins: it measured this very machine. Otherwise
         log(spf / input pixels) = mu + gpu + model + model@scale + cell,
         each term fitted with shrinkage; a GPU the model has not seen gets
         the generic GPU term and a wide sd.
         """
+        probed = self._probed_spf(features, probe)
+        if probed is not None:
+            return probed
         sec = self.section("upscale")
         gpu = match_gpu(str(features.get("gpu", "")), sec.get("gpu") or {}, (sec.get("fallback") or {}).get("gpu") or {})
         model = str(features.get("model", ""))
@@ -306,8 +329,50 @@ class TimingModel:
         sd = float(sec["sd"] if known else sec.get("sd_unknown", 0.9))
         return mu, sd
 
+    def _probed_spf(self, features: Mapping[str, Any], probe: Mapping[str, Any] | None) -> tuple[float, float] | None:
+        """(log spf, sd) from a probe's seconds per pixel, times the pipeline's share beyond the model."""
+        sec = self.section("upscale")
+        s_per_px = _positive(probe.get("s_per_px")) if probe else None
+        if s_per_px is None:
+            s_per_px = self.kept_probe(features)
+        if s_per_px is None:
+            return None
+        return math.log(s_per_px * in_pixels(features)) + float(sec["probe_log_ratio"]), float(sec["probe_sd"])
+
+    def kept_probe(self, features: Mapping[str, Any]) -> float | None:
+        """Seconds per pixel an earlier job's probe measured for this device, model, scale (and precision)."""
+        probes = self.data.get("probes") or {}
+        key = probe_key(features.get("gpu"), features.get("model"), features.get("scale"), features.get("precision"))
+        if key in probes:
+            return _positive(probes[key])
+        if features.get("precision") is None:  # any precision of this device and model
+            prefix = key.rsplit("|", 1)[0] + "|"
+            found = sorted(_positive(v) or 0.0 for k, v in probes.items() if k.startswith(prefix))
+            return found[len(found) // 2] or None if found else None
+        return None
+
     def constant(self, section: str, name: str) -> float:
         return float(self.section(section)[name])
+
+
+def probe_key(device: Any, model: Any, scale: Any, precision: Any) -> str:
+    """Where a probe is kept in a model: device, model and scale, precision ('*' when unknown)."""
+    return f"{device}|{model}@x{scale}|{precision or '*'}"
+
+
+def _positive(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `lock_path` (POSIX flock; elsewhere the rename alone)."""
+    with open(lock_path, "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def _canonical_gpu(name: str) -> str:
@@ -353,10 +418,10 @@ def out_pixels(features: Mapping[str, Any]) -> float:
 
 
 def user_model_path() -> Path:
-    """Where `eta fit` keeps the model refitted from the user's own jobs."""
-    from platformdirs import user_data_dir
+    """Where `eta fit` keeps the model refitted from the user's own jobs: the data dir (`CLIPEXPORT_HOME` moves it)."""
+    from clipexport.config import data_dir
 
-    return Path(user_data_dir("clipexport")) / MODEL_FILENAME
+    return data_dir() / MODEL_FILENAME
 
 
 def load_model(path: str | Path | None = None) -> TimingModel:

@@ -1,9 +1,10 @@
 """Replay event logs through the live code path (`clipexport eta replay`).
 
 Each trace gets a fresh `Tracker`; after each event, the snapshot at that
-event's `t` is one output line. A prediction at time t therefore depends only
-on the events up to t, and replaying a truncated trace gives the same lines
-up to the cut.
+event's `t` is one output line, with the 80 % range of the remaining time
+(`remaining_lo_s`, `remaining_hi_s`) where the estimator has one. A
+prediction at time t therefore depends only on the events up to t, and
+replaying a truncated trace gives the same lines up to the cut.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ def replay_events(events: Iterable[dict], model: TimingModel, name: str = "") ->
             continue
         tracker.feed(event)
         snap = tracker.snapshot(float(t))
-        yield {
+        line = {
             "trace": name,
             "seq": event.get("seq"),
             "t": t,
             "fraction": round(snap.fraction, 6),
             "remaining_s": None if snap.remaining_s is None else round(snap.remaining_s, 3),
         }
+        if snap.remaining_lo_s is not None and snap.remaining_hi_s is not None:  # the 80 % range
+            line.update(remaining_lo_s=round(snap.remaining_lo_s, 3), remaining_hi_s=round(snap.remaining_hi_s, 3))
+        yield line
 
 
 def replay_traces(paths: Iterable[Path], model: TimingModel) -> Iterator[dict[str, Any]]:

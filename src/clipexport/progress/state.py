@@ -106,6 +106,19 @@ class PartState(_Span):
         self.detail = None
         self.skipped = False
 
+    def halt(self, t: float) -> None:
+        """The client died while this ran: its work so far counts as lost, to be redone."""
+        if self.start_t is None or self.end_t is not None:
+            return
+        stop = self.last_t if self.last_t is not None else self.start_t
+        self.lost_time += max(0.0, min(stop, t) - self.start_t)
+        self.lost_done += self.done
+        self.done = 0.0
+        self.start_t = self.last_t = self.first_t = None
+        self.first_done = 0.0
+        self.early = []
+        self.updates = 0
+
     def _attempt_of(self, event: Event, t: float) -> bool:
         """Bring the part to the event's attempt; False if the event is stale."""
         attempt = event.get("attempt")
@@ -133,6 +146,20 @@ class PhaseState(_Span):
     parts: dict[str, PartState] = field(default_factory=dict)
     detail: str | None = None  # latest heartbeat detail
     detail_t: float | None = None
+    base_done: float = 0.0  # work done before the latest resume (not this run's rate)
+    redo: float = 0.0  # work the latest resume found half done: it is done again
+
+    def halt(self, t: float) -> None:
+        """A resume found this phase unfinished: what ran counts as lost; it starts anew."""
+        if self.end_t is not None:
+            return
+        for part in [self.whole, *self.parts.values()]:
+            before = part.done
+            part.halt(t)
+            self.redo += before - part.done
+        self.start_t = None
+        self.start_seq = -math.inf
+        self.base_done = self.done
 
     @property
     def done(self) -> float:
@@ -182,8 +209,11 @@ class JobState:
         self.terminal_t: float | None = None
         self.terminal_seq: float = -math.inf
         self.terminal_event: Event | None = None
+        self.probe: dict[str, Any] | None = None  # the latest speed probe (load_model's phase_end)
+        self.reused = False  # some work was taken finished from the cache: timings not a render's
         self.max_seq: float = -math.inf
         self.events = 0  # events applied (after de-duplication)
+        self.dead: list[tuple[float, float]] = []  # (client died, resumed): time no work ran
         self._seen: set[int] = set()
 
     # -- queries -----------------------------------------------------------
@@ -191,6 +221,17 @@ class JobState:
     @property
     def state(self) -> str:
         return self.terminal or "running"
+
+    def active(self, t0: float, t1: float) -> float:
+        """Seconds between t0 and t1 that the job was alive (dead time before a resume left out)."""
+        span = max(0.0, t1 - t0)
+        for a, b in self.dead:
+            span -= max(0.0, min(b, t1) - max(a, t0))
+        return max(0.0, span)
+
+    @property
+    def resume_t(self) -> float | None:
+        return self.dead[-1][1] if self.dead else None
 
     def phase(self, name: str) -> PhaseState:
         ph = self.phases.get(name)
@@ -221,6 +262,7 @@ class JobState:
         if self.job is None and isinstance(event.get("job"), str):
             self.job = event["job"]
         self.events += 1
+        previous_t = self.last_t
         self.first_t = t if self.first_t is None else min(self.first_t, t)
         self.last_t = t if self.last_t is None else max(self.last_t, t)
         if sq != math.inf:
@@ -243,6 +285,8 @@ class JobState:
             if ph.unit is None and isinstance(event.get("unit"), str):
                 ph.unit = event["unit"]
             if typ == "phase_start":
+                if self._restarts_job(ph, event, sq):
+                    self._resumed(previous_t if previous_t is not None else t, t)
                 self._phase_start(ph, event, t, sq)
             elif typ == "progress":
                 self._progress(ph, event, t, sq)
@@ -275,6 +319,18 @@ class JobState:
             rest = [name for name in self.order if name not in planned]
             self.order = planned + rest
 
+    def _restarts_job(self, ph: PhaseState, event: Event, sq: float) -> bool:
+        """Does this event start a client run again (a resume)? Every run begins with the first phase."""
+        return (not isinstance(event.get("part"), str) and bool(self.order) and ph.name == self.order[0]
+                and ph.start_seq > -math.inf and sq > ph.start_seq)
+
+    def _resumed(self, died: float, t: float) -> None:
+        """A new client run starts at t; the previous one died after `died`. Unfinished work restarts."""
+        self.dead.append((min(died, t), t))
+        for ph in self.phases.values():
+            ph.redo = 0.0
+            ph.halt(died)
+
     def _terminal(self, event: Event, typ: str, t: float, sq: float) -> None:
         if self.terminal == "done":
             return
@@ -290,6 +346,8 @@ class JobState:
         key = event.get("part")
         if not isinstance(key, str):
             if sq > ph.end_seq and ph.end_t is not None:
+                if self.resume_t is not None and ph.end_t <= self.resume_t:  # a resumed run does it again
+                    ph.start_t, ph.whole = t, PartState(None)
                 ph.end_t = None  # the phase starts again (a resumed job)
                 ph.whole.end_t = None
             ph.start_seq = max(ph.start_seq, sq)
@@ -314,6 +372,7 @@ class JobState:
             part.done, part.seq = done, sq
 
     def _progress(self, ph: PhaseState, event: Event, t: float, sq: float) -> None:
+        self.reused = self.reused or event.get("skipped") is True
         ph.mark_started(t)
         key = event.get("part")
         part = ph.part(key if isinstance(key, str) else None)
@@ -350,6 +409,9 @@ class JobState:
             ph.detail = detail if isinstance(detail, str) else None
 
     def _phase_end(self, ph: PhaseState, event: Event, t: float, sq: float) -> None:
+        probe = event.get("probe")
+        if isinstance(probe, dict) and (_num(probe.get("s_per_px")) or 0.0) > 0:
+            self.probe = probe
         key = event.get("part")
         done = _num(event.get("done"))
         total = _num(event.get("total"))

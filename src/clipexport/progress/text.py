@@ -72,6 +72,26 @@ def eta_text(remaining_s: float | None, state: str = "running") -> str:
     return _words(*_bucket(remaining_s))
 
 
+WIDE_RANGE = 1.6  # hi/lo above which the range is shown rather than one number
+
+
+def _span(seconds: float) -> str:
+    """A duration, coarse: '40 s', '3 min', '2 h'."""
+    if seconds < 60.0:
+        return f"{max(10, _round(seconds / 10.0) * 10)} s" if seconds >= 10 else f"{max(1, _round(seconds))} s"
+    if seconds < 3600.0:
+        return f"{max(1, _round(seconds / 60.0))} min"
+    return f"{_round(seconds / 3600.0)} h"
+
+
+def range_text(lo: float, hi: float) -> str:
+    """An 80 % range as a person says it: 'About 40 s to 2 min remaining'."""
+    low, high = _span(lo), _span(hi)
+    if low == high:
+        return f"About {low} remaining"
+    return f"About {low} to {high} remaining"
+
+
 class EtaWords:
     """`eta_text` with hysteresis: the minute count moves only when the
     estimate is clearly past the boundary (by `margin` of a unit)."""
@@ -80,10 +100,14 @@ class EtaWords:
         self.margin = margin
         self._last: tuple[str, int] | None = None
 
-    def __call__(self, remaining_s: float | None, state: str = "running") -> str:
+    def __call__(self, remaining_s: float | None, state: str = "running",
+                 lo: float | None = None, hi: float | None = None) -> str:
+        """The words for `remaining_s`; while the 80 % range (`lo`, `hi`) is wide, the range itself."""
         if state != "running" or remaining_s is None or not math.isfinite(remaining_s) or remaining_s < 0:
             self._last = None
             return eta_text(remaining_s, state)
+        if lo is not None and hi is not None and lo > 0 and hi / lo > WIDE_RANGE and remaining_s >= ALMOST_DONE_S:
+            return range_text(lo, hi)
         kind, count = _bucket(remaining_s)
         last = self._last
         if last is not None and last[0] == kind and kind in ("minutes", "tenmin", "hours") and count != last[1]:

@@ -88,6 +88,8 @@ class Snapshot:
     phases: tuple[PhaseRow, ...]  # in plan order
     message: str | None = None  # the error message, or the output path when done
     info: JobInfo = JobInfo()
+    remaining_lo_s: float | None = None  # the 80 % range of remaining_s (None when there is no estimate)
+    remaining_hi_s: float | None = None
 
 
 class Tracker:
@@ -119,8 +121,9 @@ class Tracker:
         st = self.state
         t0 = st.t0 if st.t0 is not None else now
         end = st.terminal_t if st.terminal is not None and st.terminal_t is not None else now
-        elapsed = max(0.0, end - t0)
+        elapsed = st.active(t0, end)  # a resumed job's dead time is not part of it
         message = None
+        lo = hi = None
         if st.terminal == "done":
             self._shown = 1.0
             remaining: float | None = 0.0
@@ -129,7 +132,8 @@ class Tracker:
             remaining = None
             message = _str(st.terminal_event, "message")
         else:
-            remaining = self.estimator.estimate(st, now).remaining_s
+            est = self.estimator.estimate(st, now)
+            remaining, lo, hi = est.remaining_s, est.remaining_lo_s, est.remaining_hi_s
             raw = self._raw_fraction(elapsed, remaining)
             self._shown = max(self._shown, min(raw, MAX_RUNNING_FRACTION))
         state = st.state
@@ -139,10 +143,12 @@ class Tracker:
             fraction=self._shown,
             elapsed=elapsed,
             remaining_s=remaining,
-            eta_text=self._words(remaining, state),
+            eta_text=self._words(remaining, state, lo, hi),
             phases=tuple(self._row(st.phases[name], now) for name in st.order),
             message=message,
             info=job_info(st),
+            remaining_lo_s=lo,
+            remaining_hi_s=hi,
         )
 
     def _raw_fraction(self, elapsed: float, remaining: float | None) -> float:
@@ -177,12 +183,14 @@ class Tracker:
         else:
             state = "pending"
         rate = None
-        if state == "running" and ph.start_t is not None and done > 0:
-            span = now - ph.start_t
-            rate = done / span if span > 0 else None
+        if state == "running" and ph.start_t is not None and done > ph.base_done:
+            span = now - ph.start_t  # since this run started it: work done before a resume is not its rate
+            rate = (done - ph.base_done) / span if span > 0 else None
         detail = None
         if state in ("running", "waiting"):
             detail = ph.detail
+            if ph.redo > 0 and ph.unit:
+                detail = f"redoing {ph.redo:g} {ph.unit} cut short by the stop"
             if ph.parts and ph.unit is None:
                 waiting = sum(1 for p in ph.parts.values() if p.started and not p.ended)
                 if waiting > 1:

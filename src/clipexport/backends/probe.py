@@ -1,0 +1,56 @@
+"""The speed probe: a few timed forward passes at the job's frame size, right after the model loads.
+
+No timing model knows every machine: a laptop's CPU, a GPU type nobody
+fitted, a machine that is busy today. A probe costs a few frames' time and
+tells the ETA this device's seconds per pixel before the first segment
+reports anything; the estimator takes it as the prior (`progress.model`),
+and `eta fit` keeps it per device, model and precision so the next
+`--estimate` on this machine starts from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+MAX_RUNS = 3
+BUDGET_S = 1.0  # stop timing once this much was spent (a slow CPU gets fewer runs)
+
+
+def probe_speed(
+    upscaler: Any,
+    width: int,
+    height: int,
+    *,
+    device: str,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Time `upscaler.upscale` on one textured frame of `width` x `height`; the fastest run counts.
+
+    The first pass is untimed: it carries the one-off warm-up (kernel
+    choice, allocations) that the first segment would otherwise pay too.
+    """
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
+    upscaler.upscale(frame)
+    best, spent = float("inf"), 0.0
+    for _ in range(MAX_RUNS):
+        start = clock()
+        upscaler.upscale(frame)
+        took = clock() - start
+        best, spent = min(best, took), spent + took
+        if spent >= BUDGET_S:
+            break
+    dtype = str(getattr(upscaler, "dtype", "")).removeprefix("torch.")
+    return {
+        "s_per_px": best / float(width * height),
+        "device": device,
+        "model": getattr(upscaler, "model", None),
+        "scale": getattr(upscaler, "scale", None),
+        "precision": dtype or None,
+        "width": width,
+        "height": height,
+    }

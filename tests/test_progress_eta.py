@@ -1,0 +1,201 @@
+"""The ETA on the user's own machine: speed probe, resume, the model's home, ranges.
+
+The probe runs the real converted model on a tiny frame; its timing comes
+from a fake clock, so the test neither sleeps nor depends on this machine's
+speed. Resume and ranges are checked on event streams, the ranges'
+calibration on the shared synthetic traces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from clipexport.backends.local import LocalBackend
+from clipexport.backends.probe import probe_speed
+from clipexport.events import read_events
+from clipexport.progress import JobState, TimingModel, Tracker, load_model, user_model_path
+from clipexport.progress.fit import fit_jobs
+from clipexport.progress.estimator import Estimator
+from clipexport.progress.replay import replay_events
+from clipexport.upscale import load_upscaler
+
+TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+if not TRACES.is_dir():
+    TRACES = Path("/work/shared/traces")
+MODEL = TimingModel.default()
+W, H = 32, 18
+
+
+@pytest.fixture(scope="module")
+def upscaler():
+    return load_upscaler("realesr-animevideov3", scale=2, device="cpu")
+
+
+def _clock(*times: float):
+    it = iter(times)
+    return lambda: next(it)
+
+
+def _plan(frames: int = 240, width: int = W, height: int = H, t: float = 0.0) -> dict:
+    return {"type": "plan", "seq": 0, "t": t, "job": "cx-test",
+            "phases": [{"phase": "prepare", "unit": "bytes", "total": 1000},
+                       {"phase": "load_model", "unit": None, "total": None},
+                       {"phase": "upscale", "unit": "frames", "total": frames},
+                       {"phase": "encode", "unit": "frames", "total": frames},
+                       {"phase": "finalize", "unit": None, "total": None}],
+            "features": {"backend": "local", "gpu": "cpu", "model": "realesr-animevideov3", "scale": 2,
+                         "in_width": width, "in_height": height, "frames": frames, "segments": 1,
+                         "segment_frames": frames, "out_width": 2 * width, "out_height": 2 * height}}
+
+
+def test_the_probe_times_the_real_model_and_becomes_the_prior(upscaler):
+    # three timed runs of 0.20, 0.10 and 0.30 s: the fastest counts
+    probe = probe_speed(upscaler, W, H, device="cpu", clock=_clock(0.0, 0.2, 1.0, 1.1, 2.0, 2.3))
+    assert probe["s_per_px"] == pytest.approx(0.1 / (W * H))
+    assert (probe["device"], probe["model"], probe["scale"], probe["precision"]) == (
+        "cpu", "realesr-animevideov3", 2, "float32")
+
+    st = JobState()
+    for i, e in enumerate([_plan(), {"type": "phase_start", "phase": "load_model", "t": 1.0},
+                           {"type": "phase_end", "phase": "load_model", "t": 2.0, "probe": probe}], start=1):
+        st.feed({"seq": i, **e})
+    before = Estimator(MODEL).estimate(JobState(), 0.0)  # nothing known
+    est = Estimator(MODEL, skew=0.0, scenarios=False).estimate(st, 2.0)
+    assert before.remaining_s is None
+    # 240 frames at the probe's 0.1 s a frame, whatever the built-in model says of this CPU
+    assert est.phases["upscale"] == pytest.approx(24.0, rel=0.1)
+    without = Estimator(MODEL, skew=0.0, scenarios=False).estimate(_state(_plan()), 2.0)
+    assert abs(without.phases["upscale"] - 24.0) > 5.0  # the prior it replaced was elsewhere
+
+
+def test_the_probe_takes_fewer_runs_on_a_slow_device(upscaler):
+    probe = probe_speed(upscaler, W, H, device="cpu", clock=_clock(0.0, 1.5))  # one run past the budget
+    assert probe["s_per_px"] == pytest.approx(1.5 / (W * H))
+
+
+def test_the_local_backend_reports_its_probe_when_the_model_is_loaded(tmp_path):
+    events: list[dict] = []
+    backend = LocalBackend(lambda on_bytes: load_upscaler("realesr-animevideov3", scale=2, device="cpu"), tmp_path)
+    backend._load(events.append, (W, H))
+    end = events[-1]
+    assert end["type"] == "phase_end" and end["phase"] == "load_model"
+    assert end["probe"]["s_per_px"] > 0 and end["probe"]["device"] == "cpu"
+    assert (end["probe"]["width"], end["probe"]["height"]) == (W, H)
+
+
+def test_a_fit_keeps_the_probe_per_device_so_the_next_estimate_knows_this_machine():
+    st = _state(_plan(), {"type": "phase_start", "phase": "load_model", "t": 1.0},
+                {"type": "phase_end", "phase": "load_model", "t": 2.0,
+                 "probe": {"s_per_px": 2e-4, "device": "cpu", "model": "realesr-animevideov3", "scale": 2,
+                           "precision": "float32"}},
+                {"type": "done", "t": 30.0, "output": "x.mp4"})
+    model = fit_jobs([st])
+    assert model.data["probes"] == {"cpu|realesr-animevideov3@x2|float32": 2e-4}
+    up_front = Estimator(model, skew=0.0, scenarios=False).estimate(_state(_plan()), 0.0)
+    assert up_front.phases["upscale"] == pytest.approx(240 * 2e-4 * W * H, rel=0.1)
+
+
+def test_a_job_served_from_cache_is_left_out_of_fits():
+    def job(skipped: bool) -> JobState:
+        return _state(_plan(frames=24),
+                      {"type": "progress", "phase": "upscale", "part": "seg-0001", "unit": "frames", "done": 24,
+                       "total": 24, "t": 1.0, **({"skipped": True} if skipped else {})},
+                      {"type": "done", "t": 2.0, "output": "x.mp4"})
+
+    assert fit_jobs([job(True)]).data["jobs"] == 0
+    assert fit_jobs([job(False)]).data["jobs"] == 1
+
+
+def _state(*events: dict) -> JobState:
+    st = JobState()
+    for i, e in enumerate(events):
+        st.feed({"seq": i, **e})
+    return st
+
+
+def _segment_run(t: float, seq: int, frames: range, spf: float, attempt: int = 1) -> list[dict]:
+    """Progress of seg-0001 at `spf` seconds a frame from `t`."""
+    out = [{"type": "phase_start", "phase": "upscale", "part": "seg-0001", "unit": "frames", "total": 240,
+            "attempt": attempt, "t": t, "seq": seq}]
+    for i, done in enumerate(frames, start=1):
+        out.append({"type": "progress", "phase": "upscale", "part": "seg-0001", "unit": "frames", "done": done,
+                    "total": 240, "attempt": attempt, "t": t + done * spf, "seq": seq + i})
+    return out
+
+
+def test_resume_rates_elapsed_and_eta_exclude_the_dead_time():
+    # 100 frames at 0.5 s a frame, killed; resumed a day later at the same speed
+    first = [_plan(), {"type": "phase_start", "phase": "prepare", "t": 0.1, "seq": 1},
+             {"type": "phase_end", "phase": "prepare", "t": 0.2, "seq": 2},
+             {"type": "phase_start", "phase": "upscale", "unit": "frames", "total": 240, "t": 0.3, "seq": 3},
+             *_segment_run(1.0, 4, range(10, 101, 10), 0.5)]
+    day = 86_400.0
+    resumed = [{"type": "phase_start", "phase": "prepare", "t": day, "seq": 100},
+               {"type": "phase_end", "phase": "prepare", "t": day + 0.1, "seq": 101},
+               {"type": "phase_start", "phase": "upscale", "unit": "frames", "total": 240, "t": day + 0.2, "seq": 102},
+               *_segment_run(day + 1.0, 103, range(10, 41, 10), 0.5, attempt=2)]
+    tracker = Tracker(MODEL)
+    for e in first + resumed:
+        tracker.feed(e)
+    now = resumed[-1]["t"]
+    snap = tracker.snapshot(now)
+    row = next(r for r in snap.phases if r.phase == "upscale")
+    assert snap.elapsed == pytest.approx(51.0 + (now - day), abs=0.5)  # 51 s before the kill, ~21 s since
+    assert row.rate == pytest.approx(40 / (now - day - 0.2), rel=0.05)  # frames since the resume, not a day
+    assert "redoing 100 frames" in (row.detail or "")
+    # 200 frames left at 0.5 s: about 100 s, not a day's worth of "slowness"
+    assert snap.remaining_s == pytest.approx(100.0, rel=0.2)
+    assert snap.fraction > 0.3
+
+
+def test_the_model_lives_under_the_data_dir_and_follows_clipexport_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPEXPORT_HOME", str(tmp_path / "home-a"))
+    assert user_model_path() == tmp_path / "home-a" / "data" / "timing-model.json"
+    fitted = TimingModel({**TimingModel.generic().data, "jobs": 7})
+    fitted.save(user_model_path())
+    assert load_model() == fitted
+    assert [p.name for p in user_model_path().parent.iterdir() if p.name.endswith(".tmp")] == []
+    monkeypatch.setenv("CLIPEXPORT_HOME", str(tmp_path / "home-b"))
+    assert load_model() == TimingModel.default()  # another home: another model
+
+
+def test_up_front_ranges_are_calibrated_on_the_synthetic_traces():
+    """The 80 % range at the plan covers the true length in 75-90 % of jobs; halfway, ranges are narrower."""
+    paths = sorted((TRACES / "dev").glob("*.jsonl")) + sorted((TRACES / "train").glob("*.jsonl"))
+    assert paths, f"no traces under {TRACES}"
+    estimator = Estimator(MODEL)  # what the tracker uses
+    covered, widths_first, widths_half = 0, [], []
+    for path in paths:
+        events = list(read_events(path))
+        t0, t_end = events[0]["t"], next(e["t"] for e in events if e["type"] == "done")
+        st = JobState()
+        st.feed(events[0])
+        first = estimator.estimate(st, t0)
+        covered += first.remaining_lo_s <= t_end - t0 <= first.remaining_hi_s
+        widths_first.append(math.log(first.remaining_hi_s / first.remaining_lo_s))
+        for e in events[1:]:
+            st.feed(e)
+            if e["t"] - t0 >= 0.5 * (t_end - t0):
+                half = estimator.estimate(st, e["t"])
+                widths_half.append(math.log(half.remaining_hi_s / half.remaining_lo_s))
+                break
+    share = covered / len(paths)
+    assert 0.75 <= share <= 0.90, share
+    assert sorted(widths_half)[len(widths_half) // 2] < sorted(widths_first)[len(widths_first) // 2]
+
+
+def test_replay_json_carries_the_range_and_the_text_says_it_up_front():
+    events = [_plan(frames=2400, width=640, height=360)]
+    line = list(replay_events(events, MODEL))[0]
+    assert line["remaining_lo_s"] < line["remaining_s"] < line["remaining_hi_s"]
+    tracker = Tracker(MODEL)
+    tracker.feed(events[0])
+    snap = tracker.snapshot(0.0)
+    assert (snap.remaining_lo_s, snap.remaining_hi_s) == (line["remaining_lo_s"], line["remaining_hi_s"]) or \
+        snap.remaining_lo_s == pytest.approx(line["remaining_lo_s"], abs=1e-3)
+    assert " to " in snap.eta_text, snap.eta_text
+    json.dumps(line)
