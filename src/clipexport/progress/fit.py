@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,139 +116,230 @@ class _Samples:
 
 
 def _collect(jobs: Iterable[JobState]) -> _Samples:
+    """Each finished job that rendered, reduced stage by stage to the samples the fit needs."""
     s = _Samples()
     for st in jobs:
         if st.terminal != "done" or not st.phases or st.reused:  # a job served from cache did not render
             continue
         s.jobs += 1
-        f = st.features
         if st.probe is not None:
             pr = st.probe
             s.probes[probe_key(pr.get("device"), pr.get("model"), pr.get("scale"), pr.get("precision"))].append(
                 float(pr["s_per_px"]))
-        backend = str(f.get("backend", ""))
-        model = str(f.get("model", ""))
-        ph = st.phases
-
-        prep = ph.get("prepare")
-        if prep and prep.ended and prep.start_t is not None and prep.done > 0:
-            dt = prep.end_t - prep.start_t  # type: ignore[operator]
-            if dt > 0:
-                s.prepare.append(math.log(prep.done / dt))
-
-        up_rate = None
-        upl = ph.get("upload")
-        if upl and upl.parts:
-            b = sum(p.done + p.lost_done for p in upl.parts.values() if p.ended)
-            t = sum((_span(p) or 0.0) + p.lost_time for p in upl.parts.values() if p.ended)
-            if b > 0 and t > 0:
-                up_rate = b / t
-                s.upload.append((math.log(b), math.log(up_rate)))
-
-        dl = ph.get("download")
-        if dl and dl.parts:
-            b = sum(p.done for p in dl.parts.values() if p.ended)
-            t = sum(_span(p) or 0.0 for p in dl.parts.values() if p.ended)
-            if b > 0 and t > 0:
-                s.download.append((math.log(up_rate) if up_rate else None, math.log(b / t)))
-
-        up = ph.get("upscale")
-        enc = ph.get("encode")
-        seg_frames: dict[str, float] = {}
-        if up:
-            first_keys = first_on_worker(up)
-            segs = []  # (frames, span, steady spf or None, first on its worker)
-            by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
-            for key, p in up.parts.items():
-                span = _span(p)
-                if span is None or not p.done:
-                    continue
-                seg_frames[key] = p.done
-                first = key in first_keys
-                steady = None
-                if first and p.early:
-                    settle = settle_point(p, _SETTLE_FRAMES)
-                    if settle and p.done > settle[1] + 5:
-                        steady = (p.end_t - settle[0]) / (p.done - settle[1])  # type: ignore[operator]
-                elif not first:
-                    steady = span / p.done
-                segs.append((p.done, span, steady, first))
-                by_worker[p.worker or "?"].append((p.start_t, p.end_t))  # type: ignore[arg-type]
-            for spans in by_worker.values():
-                spans.sort()
-                s.seg_gap += [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
-            if segs:
-                big = max(n for n, *_ in segs)
-                full = [st_ for n, _, st_, _ in segs if st_ and n >= 0.5 * big]
-                if not full:
-                    full = [t / n for n, t, *_ in segs if n >= 0.5 * big]
-                spf = statistics.median(full)
-                s.spf.append((f, math.log(spf)))
-                s.overhead += [t - n * spf for n, t, _, first in segs if n < 0.5 * big and not first]
-                s.warmup += [(spf, t - n * spf) for n, t, st_, first in segs if first and st_ and n >= 0.5 * big]
-        if up and enc:
-            for key, p in enc.parts.items():
-                u = up.parts.get(key)
-                if p.ended and u is not None and u.ended:
-                    s.flush.append(p.end_t - u.end_t)  # type: ignore[operator]
-        out_px = out_pixels(f)
-        if enc:
-            nb = [(seg_frames.get(k), p.out_bytes) for k, p in enc.parts.items() if p.out_bytes]
-            n = sum(x for x, _ in nb if x)
-            b = sum(y for x, y in nb if x)
-            if n > 0 and b > 0:
-                s.bpp.append(math.log(b / n / out_px))
-            if dl and enc:
-                for key, p in dl.parts.items():
-                    e = enc.parts.get(key)
-                    if p.start_t is not None and e is not None and e.ended:
-                        s.dl_latency.append(p.start_t - e.end_t)  # type: ignore[operator]
-
-        q = ph.get("queue")
-        lm = ph.get("load_model")
-        if q and q.parts:
-            conts = sorted(q.parts.values(), key=lambda p: p.start_t if p.start_t is not None else math.inf)
-            kinds = []
-            for c in conts:
-                span = _span(c)
-                if span is None or c.detail == "cancelled":
-                    kinds.append(None)
-                    continue
-                cold = container_kind(c, lm) == "cold"
-                (s.cold if cold else s.warm).append(span)
-                kinds.append(not cold)
-            warm_n = 0
-            for k in kinds:
-                if k is True:
-                    warm_n += 1
-                else:
-                    break
-            resolved = warm_n + (1 if warm_n < len(kinds) and kinds[warm_n] is False else 0)
-            if resolved:
-                s.warm_counts.append((warm_n, len(kinds) if warm_n == len(kinds) else resolved))
-            starts = [c.start_t for c in conts if c.start_t is not None]
-            s.stagger += [b - a for a, b in zip(starts, starts[1:])]
-            if upl and upl.ended and q.start_t is not None:
-                s.queue_gap.append(q.start_t - upl.end_t)  # type: ignore[operator]
-        if lm:
-            spans = [_span(p) for p in lm.parts.values() if p.detail != "cancelled"] if lm.parts else [
-                (lm.end_t - lm.start_t) if lm.ended and lm.start_t is not None else None  # type: ignore[operator]
-            ]
-            for x in spans:
-                if x is not None and x > 0:
-                    for key in (f"{backend}|{model}", backend, model, "*"):
-                        s.load[key].append(x)
-
-        fin = ph.get("finalize")
-        if fin and fin.ended and fin.start_t is not None:
-            out_b = 0.0
-            if enc:
-                out_b = sum(p.out_bytes or 0.0 for p in enc.parts.values())
-            if not out_b and dl:
-                out_b = sum(p.done for p in dl.parts.values())
-            for key in (backend, "*"):
-                s.finalize[key].append((out_b / 1e9, fin.end_t - fin.start_t))  # type: ignore[operator]
+        prep = _prepare_rate(st)
+        if prep is not None:
+            s.prepare.append(prep)
+        upload = _upload(st)
+        if upload is not None:
+            s.upload.append((math.log(upload[0]), math.log(upload[1])))
+        down = _download_rate(st, upload[1] if upload else None)
+        if down is not None:
+            s.download.append(down)
+        segs = _segments(st)
+        if segs.spf is not None:
+            s.spf.append((st.features, math.log(segs.spf)))
+        s.overhead += segs.overhead
+        s.warmup += segs.warmup
+        s.seg_gap += segs.gaps
+        s.flush += _lags(st, "upscale", "encode", to_start=False)
+        bpp = _bytes_per_pixel(st, segs.frames)
+        if bpp is not None:
+            s.bpp.append(bpp)
+        s.dl_latency += _lags(st, "encode", "download", to_start=True)
+        conts = _containers(st)
+        s.warm += conts.warm
+        s.cold += conts.cold
+        if conts.warm_count is not None:
+            s.warm_counts.append(conts.warm_count)
+        s.stagger += conts.stagger
+        s.queue_gap += conts.queue_gap
+        for key, spans in _loads(st).items():
+            s.load[key] += spans
+        fin = _finalize(st)
+        if fin is not None:
+            for key in (str(st.features.get("backend", "")), "*"):
+                s.finalize[key].append(fin)
     return s
+
+
+# -- stages: one job in, its samples out ------------------------------------------
+
+
+def _prepare_rate(st: JobState) -> float | None:
+    """log bytes/s of hashing the inputs."""
+    prep = st.phases.get("prepare")
+    if prep and prep.ended and prep.start_t is not None and prep.done > 0:
+        dt = prep.end_t - prep.start_t  # type: ignore[operator]
+        if dt > 0:
+            return math.log(prep.done / dt)
+    return None
+
+
+def _upload(st: JobState) -> tuple[float, float] | None:
+    """(bytes, bytes/s) of the upload, retried attempts included."""
+    upl = st.phases.get("upload")
+    if upl and upl.parts:
+        b = sum(p.done + p.lost_done for p in upl.parts.values() if p.ended)
+        t = sum((_span(p) or 0.0) + p.lost_time for p in upl.parts.values() if p.ended)
+        if b > 0 and t > 0:
+            return b, b / t
+    return None
+
+
+def _download_rate(st: JobState, up_rate: float | None) -> tuple[float | None, float] | None:
+    """(log upload rate of the same job, log download bytes/s)."""
+    dl = st.phases.get("download")
+    if dl and dl.parts:
+        b = sum(p.done for p in dl.parts.values() if p.ended)
+        t = sum(_span(p) or 0.0 for p in dl.parts.values() if p.ended)
+        if b > 0 and t > 0:
+            return (math.log(up_rate) if up_rate else None, math.log(b / t))
+    return None
+
+
+@dataclass
+class _SegmentFit:
+    """What one job's segments say: its steady seconds per frame and what surrounds it."""
+
+    spf: float | None = None
+    frames: dict[str, float] = field(default_factory=dict)  # frames of each finished segment
+    overhead: list[float] = field(default_factory=list)  # extra seconds of short, warm segments
+    warmup: list[tuple[float, float]] = field(default_factory=list)  # (spf, extra s of a first segment)
+    gaps: list[float] = field(default_factory=list)  # idle seconds between a worker's segments
+
+
+def _segments(st: JobState) -> _SegmentFit:
+    out = _SegmentFit()
+    up = st.phases.get("upscale")
+    if not up:
+        return out
+    first_keys = first_on_worker(up)
+    segs = []  # (frames, span, steady spf or None, first on its worker)
+    by_worker: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for key, p in up.parts.items():
+        span = _span(p)
+        if span is None or not p.done:
+            continue
+        out.frames[key] = p.done
+        first = key in first_keys
+        steady = None
+        if first and p.early:
+            settle = settle_point(p, _SETTLE_FRAMES)
+            if settle and p.done > settle[1] + 5:
+                steady = (p.end_t - settle[0]) / (p.done - settle[1])  # type: ignore[operator]
+        elif not first:
+            steady = span / p.done
+        segs.append((p.done, span, steady, first))
+        by_worker[p.worker or "?"].append((p.start_t, p.end_t))  # type: ignore[arg-type]
+    for spans in by_worker.values():
+        spans.sort()
+        out.gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:]) if b[0] >= a[1]]
+    if segs:
+        big = max(n for n, *_ in segs)
+        full = [st_ for n, _, st_, _ in segs if st_ and n >= 0.5 * big]
+        if not full:
+            full = [t / n for n, t, *_ in segs if n >= 0.5 * big]
+        spf = out.spf = statistics.median(full)
+        out.overhead = [t - n * spf for n, t, _, first in segs if n < 0.5 * big and not first]
+        out.warmup = [(spf, t - n * spf) for n, t, st_, first in segs if first and st_ and n >= 0.5 * big]
+    return out
+
+
+def _lags(st: JobState, earlier: str, later: str, *, to_start: bool) -> list[float]:
+    """Seconds from each part's end in phase `earlier` to the same part's end (or start) in `later`.
+
+    Encode after upscale is the encoder's flush; download after encode the
+    latency before a finished segment is fetched.
+    """
+    first, then = st.phases.get(earlier), st.phases.get(later)
+    if not (first and then):
+        return []
+    out = []
+    for key, p in then.parts.items():
+        q = first.parts.get(key)
+        t = p.start_t if to_start else p.end_t
+        if t is not None and q is not None and q.end_t is not None:
+            out.append(t - q.end_t)
+    return out
+
+
+def _bytes_per_pixel(st: JobState, seg_frames: dict[str, float]) -> float | None:
+    """log encoded bytes per output pixel per frame."""
+    enc = st.phases.get("encode")
+    if not enc:
+        return None
+    nb = [(seg_frames.get(k), p.out_bytes) for k, p in enc.parts.items() if p.out_bytes]
+    n = sum(x for x, _ in nb if x)
+    b = sum(y for x, y in nb if x)
+    return math.log(b / n / out_pixels(st.features)) if n > 0 and b > 0 else None
+
+
+@dataclass
+class _ContainerFit:
+    """What one job's containers say: warm and cold waits, the warm run, the stagger."""
+
+    warm: list[float] = field(default_factory=list)
+    cold: list[float] = field(default_factory=list)
+    warm_count: tuple[int, int] | None = None  # (warm containers in a row, containers resolved)
+    stagger: list[float] = field(default_factory=list)
+    queue_gap: list[float] = field(default_factory=list)
+
+
+def _containers(st: JobState) -> _ContainerFit:
+    out = _ContainerFit()
+    q, lm, upl = st.phases.get("queue"), st.phases.get("load_model"), st.phases.get("upload")
+    if not (q and q.parts):
+        return out
+    conts = sorted(q.parts.values(), key=lambda p: p.start_t if p.start_t is not None else math.inf)
+    kinds = []
+    for c in conts:
+        span = _span(c)
+        if span is None or c.detail == "cancelled":
+            kinds.append(None)
+            continue
+        cold = container_kind(c, lm) == "cold"
+        (out.cold if cold else out.warm).append(span)
+        kinds.append(not cold)
+    warm_n = 0
+    for k in kinds:
+        if k is True:
+            warm_n += 1
+        else:
+            break
+    resolved = warm_n + (1 if warm_n < len(kinds) and kinds[warm_n] is False else 0)
+    if resolved:
+        out.warm_count = (warm_n, len(kinds) if warm_n == len(kinds) else resolved)
+    starts = [c.start_t for c in conts if c.start_t is not None]
+    out.stagger = [b - a for a, b in zip(starts, starts[1:])]
+    if upl and upl.ended and q.start_t is not None:
+        out.queue_gap.append(q.start_t - upl.end_t)  # type: ignore[operator]
+    return out
+
+
+def _loads(st: JobState) -> dict[str, list[float]]:
+    """Model load seconds, under each key the model reads them by (backend|model, backend, model, '*')."""
+    lm = st.phases.get("load_model")
+    if not lm:
+        return {}
+    spans = [_span(p) for p in lm.parts.values() if p.detail != "cancelled"] if lm.parts else [
+        (lm.end_t - lm.start_t) if lm.ended and lm.start_t is not None else None  # type: ignore[operator]
+    ]
+    backend, model = str(st.features.get("backend", "")), str(st.features.get("model", ""))
+    keys = (f"{backend}|{model}", backend, model, "*")
+    good = [x for x in spans if x is not None and x > 0]
+    return {key: list(good) for key in keys} if good else {}
+
+
+def _finalize(st: JobState) -> tuple[float, float] | None:
+    """(GB of output, seconds) of the finalize step."""
+    fin = st.phases.get("finalize")
+    if not (fin and fin.ended and fin.start_t is not None):
+        return None
+    enc, dl = st.phases.get("encode"), st.phases.get("download")
+    out_b = sum(p.out_bytes or 0.0 for p in enc.parts.values()) if enc else 0.0
+    if not out_b and dl:
+        out_b = sum(p.done for p in dl.parts.values())
+    return out_b / 1e9, fin.end_t - fin.start_t  # type: ignore[operator]
 
 
 def _warm_survival(counts: list[tuple[int, int]], kmax: int = 8) -> list[float]:
@@ -357,56 +449,85 @@ def fit_logs(paths: Iterable[Path], base: TimingModel | None = None) -> TimingMo
 
 
 def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> TimingModel:
-    s = _collect(jobs)
-    # where the logs say nothing: the base, else the built-in model, so a
-    # user who only ran local jobs still gets sane cloud priors
-    ref = base or _builtin()
-    out: dict[str, Any] = {"format": FORMAT, "version": VERSION, "jobs": s.jobs + (ref.data.get("jobs", 0) if base else 0)}
+    """The samples of `jobs`, then each section fitted by its own function.
 
-    def dist(samples: list[float], key: str, section: str, min_n: int = 6) -> list[float]:
-        old = ref.section(section).get(key)
-        if len(samples) >= min_n or (samples and base is None):
-            if base is not None and old and len(samples) < 30:
+    Where the logs say nothing: the base, else the built-in model, so a user
+    who only ran local jobs still gets sane cloud priors.
+    """
+    s = _collect(jobs)
+    fit = _Fit(s, base or _builtin(), base)
+    out: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                           "jobs": s.jobs + (fit.ref.data.get("jobs", 0) if base else 0)}
+    for name, section in (("prepare", _fit_prepare), ("upload", _fit_upload), ("download", _fit_download),
+                          ("output", _fit_output), ("queue", _fit_queue), ("load_model", _fit_load),
+                          ("upscale", _fit_upscale), ("encode", _fit_encode), ("finalize", _fit_finalize),
+                          ("probes", _fit_probes)):
+        value = section(fit)
+        if value:
+            out[name] = value
+    return TimingModel(out)
+
+
+@dataclass
+class _Fit:
+    """The samples, the reference model (base or built-in) and the base if this is a refit."""
+
+    s: _Samples
+    ref: TimingModel
+    base: TimingModel | None
+
+    def dist(self, samples: list[float], key: str, section: str, min_n: int = 6) -> list[float]:
+        """Quantiles of `samples`; a refit mixes the base's in while the samples are few."""
+        old = self.ref.section(section).get(key)
+        if len(samples) >= min_n or (samples and self.base is None):
+            if self.base is not None and old and len(samples) < 30:
                 # mix the base's quantiles in, as if they were a few jobs
                 weight = max(1, int(round(_BASE_WEIGHT_JOBS * len(old) / 21)))
                 samples = list(samples) + list(old) * weight
             return Dist.from_samples(samples).to_json()
         return list(old) if old else []
 
-    # prepare
-    sec = ref.section("prepare")
+
+def _fit_prepare(fit: _Fit) -> dict[str, Any]:
+    sec, s = fit.ref.section("prepare"), fit.s
     ms = _mean_sd(s.prepare)
-    if ms:
-        mu = _shrink(ms[0], len(s.prepare), sec["log_rate"]["mu"] if base else None)
-        out["prepare"] = {"log_rate": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.2), 4)}, "base_s": sec["base_s"]}
-    else:
-        out["prepare"] = sec
-    # upload throughput by size
-    sec = ref.section("upload")
+    if not ms:
+        return sec
+    mu = _shrink(ms[0], len(s.prepare), sec["log_rate"]["mu"] if fit.base else None)
+    return {"log_rate": {"mu": round(mu, 4), "sd": round(max(ms[1], 0.2), 4)}, "base_s": sec["base_s"]}
+
+
+def _fit_upload(fit: _Fit) -> dict[str, Any]:
+    """Upload throughput by size."""
+    sec, s = fit.ref.section("upload"), fit.s
     lf = _linfit([x for x, _ in s.upload], [y for _, y in s.upload])
     if lf:
         a, b, r, sd = lf
-        if base:
+        if fit.base:
             old = sec["log_rate"]
             a = _shrink(a, len(s.upload), float(old["a"]) + float(old.get("b", 0)) * (r - float(old.get("ref", r))))
         sd = _spread(sd, len(s.upload), sec["log_rate"]["sd"], 0.1)
-        out["upload"] = {"log_rate": {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(sd, 4)}}
+        out = {"log_rate": {"a": round(a, 4), "b": round(b, 4), "ref": round(r, 4), "sd": round(sd, 4)}}
     elif s.upload:
         x, y = s.upload[0]
-        out["upload"] = {"log_rate": {"a": round(_shrink(y, 1, sec["log_rate"]["a"] if base else None), 4), "b": 0.0, "ref": round(x, 4), "sd": 1.0}}
+        a = round(_shrink(y, 1, sec["log_rate"]["a"] if fit.base else None), 4)  # type: ignore[arg-type]
+        out = {"log_rate": {"a": a, "b": 0.0, "ref": round(x, 4), "sd": 1.0}}
     else:
-        out["upload"] = {"log_rate": sec["log_rate"]}
-    out.setdefault("upload", {"log_rate": dict(GENERIC["upload"]["log_rate"])})
-    out["upload"]["gap_s"] = round(float(sec["gap_s"]), 3)
-    # download throughput, alone and against the upload throughput
-    sec = ref.section("download")
+        out = {"log_rate": sec["log_rate"]}
+    out["gap_s"] = round(float(sec["gap_s"]), 3)
+    return out
+
+
+def _fit_download(fit: _Fit) -> dict[str, Any]:
+    """Download throughput, alone and against the same job's upload throughput."""
+    sec, s = fit.ref.section("download"), fit.s
     all_dl = [y for _, y in s.download]
     ms = _mean_sd(all_dl)
     pairs = [(x, y) for x, y in s.download if x is not None]
     lf = _linfit([x for x, _ in pairs], [y for _, y in pairs])
     dsec: dict[str, Any] = {}
     if ms:
-        mu = _shrink(ms[0], len(all_dl), sec["log_rate"]["mu"] if base else None)
+        mu = _shrink(ms[0], len(all_dl), sec["log_rate"]["mu"] if fit.base else None)
         dsec["log_rate"] = {"mu": round(mu, 4), "sd": round(_spread(ms[1], len(all_dl), sec["log_rate"]["sd"], 0.1), 4)}
     else:
         dsec["log_rate"] = sec["log_rate"]
@@ -417,51 +538,61 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
     else:
         dsec["vs_upload"] = sec["vs_upload"]
     dsec["latency_s"] = round(_median([x for x in s.dl_latency if 0 <= x < 10], sec["latency_s"]), 3)
-    out["download"] = dsec
-    # encoded size
+    return dsec
+
+
+def _fit_output(fit: _Fit) -> dict[str, Any]:
+    """Encoded size per output pixel."""
+    sec, s = fit.ref.section("output"), fit.s
     ms = _mean_sd(s.bpp)
-    sec = ref.section("output")
-    if ms:
-        mu = _shrink(ms[0], len(s.bpp), sec["log_bytes_per_px"]["mu"] if base else None)
-        sd = _spread(ms[1], len(s.bpp), sec["log_bytes_per_px"]["sd"], 0.1)
-        out["output"] = {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(sd, 4)}}
-    else:
-        out["output"] = sec
-    # queue: warm or cold, how long
-    sec = ref.section("queue")
+    if not ms:
+        return sec
+    mu = _shrink(ms[0], len(s.bpp), sec["log_bytes_per_px"]["mu"] if fit.base else None)
+    sd = _spread(ms[1], len(s.bpp), sec["log_bytes_per_px"]["sd"], 0.1)
+    return {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(sd, 4)}}
+
+
+def _fit_queue(fit: _Fit) -> dict[str, Any]:
+    """Containers: the chance the k-th is warm, warm and cold waits, stagger, gap after the upload."""
+    sec, s = fit.ref.section("queue"), fit.s
     qsec: dict[str, Any] = {}
     if s.warm_counts:
         surv = _warm_survival(s.warm_counts)
-        if base:
+        if fit.base:
             n = len(s.warm_counts)
             surv = [round((n * a + _BASE_WEIGHT_JOBS * b) / (n + _BASE_WEIGHT_JOBS), 4) for a, b in zip(surv, sec["p_warm"])]
         qsec["p_warm"] = surv
     else:
         qsec["p_warm"] = sec["p_warm"]
-    qsec["warm_s"] = dist(s.warm, "warm_s", "queue")
-    qsec["cold_s"] = dist(s.cold, "cold_s", "queue")
+    qsec["warm_s"] = fit.dist(s.warm, "warm_s", "queue")
+    qsec["cold_s"] = fit.dist(s.cold, "cold_s", "queue")
     qsec["stagger_s"] = round(_median(s.stagger, sec["stagger_s"]), 3)
     qsec["gap_s"] = round(_median([x for x in s.queue_gap if 0 <= x < 10], sec["gap_s"]), 3)
-    out["queue"] = qsec
-    # model load
-    sec = ref.section("load_model")
-    lsec: dict[str, Any] = dict(sec) if base or not s.load else {}
+    return qsec
+
+
+def _fit_load(fit: _Fit) -> dict[str, Any]:
+    """Model load time, by backend and model."""
+    sec, s = fit.ref.section("load_model"), fit.s
+    lsec: dict[str, Any] = dict(sec) if fit.base or not s.load else {}
     for key, xs in s.load.items():
-        got = dist(xs, key, "load_model", min_n=3)
+        got = fit.dist(xs, key, "load_model", min_n=3)
         if got:
             lsec[key] = got
     if "*" not in lsec:
         lsec["*"] = list(GENERIC["load_model"]["*"])
-    out["load_model"] = lsec
-    # time per frame
-    sec = ref.section("upscale")
+    return lsec
+
+
+def _fit_upscale(fit: _Fit) -> dict[str, Any]:
+    """Time per frame, and around it: per-segment overhead, gaps, the first segment's warm-up."""
+    sec, s, base = fit.ref.section("upscale"), fit.s, fit.base
     usec = _fit_spf(s.spf, base) or dict(sec)
     if base is None and s.spf:
         usec["sd"] = round(_spread(usec["sd"], len(s.spf), float(sec["sd"]), 0.05), 4)
-    if base is None and s.spf:
         # GPUs this fit has not seen keep the built-in prior
         known = set(usec.get("gpu", {}))
-        builtin = {k: v for k, v in ref.section("upscale").items() if k != "fallback"}
+        builtin = {k: v for k, v in sec.items() if k != "fallback"}
         if set(builtin.get("gpu", {})) - known:
             usec["fallback"] = builtin
     usec["overhead_s"] = round(min(max(_median(s.overhead, sec["overhead_s"]), 0.0), 5.0), 3)
@@ -475,12 +606,18 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
         usec["warmup"] = {"a": round(a - b * r, 4), "b": round(b, 4), "sd": round(sd, 4)}
     elif sec.get("warmup"):
         usec["warmup"] = sec["warmup"]
-    out["upscale"] = usec
-    # encoder flush
-    out["encode"] = {"flush_s": round(_median([x for x in s.flush if x >= 0], ref.section("encode")["flush_s"]), 3)}
-    # finalize by output size
-    sec = ref.section("finalize")
-    fsec: dict[str, Any] = dict(sec) if base or not s.finalize else {}
+    return usec
+
+
+def _fit_encode(fit: _Fit) -> dict[str, Any]:
+    """The encoder's flush after a segment's last frame."""
+    return {"flush_s": round(_median([x for x in fit.s.flush if x >= 0], fit.ref.section("encode")["flush_s"]), 3)}
+
+
+def _fit_finalize(fit: _Fit) -> dict[str, Any]:
+    """Finalize time by output size, per backend."""
+    sec, s = fit.ref.section("finalize"), fit.s
+    fsec: dict[str, Any] = dict(sec) if fit.base or not s.finalize else {}
     for key, pts in s.finalize.items():
         lf = _linfit([x for x, _ in pts], [y for _, y in pts])
         ys = [y for _, y in pts]
@@ -490,12 +627,11 @@ def fit_jobs(jobs: Iterable[JobState], base: TimingModel | None = None) -> Timin
         else:
             entry = {"base_s": round(_median(ys, 0.3), 4), "s_per_gb": 0.0, "max_s": round(max(ys) * 1.5, 3)}
         fsec[key] = entry
-    if not fsec:
-        fsec = dict(GENERIC["finalize"])
-    out["finalize"] = fsec
-    # this machine's speed probes: the latest jobs' median, each device kept apart
-    probes = dict(ref.data.get("probes") or {})
-    probes.update({key: float(f"{_median(xs[-20:], 0.0):.4g}") for key, xs in s.probes.items()})
-    if probes:
-        out["probes"] = probes
-    return TimingModel(out)
+    return fsec or dict(GENERIC["finalize"])
+
+
+def _fit_probes(fit: _Fit) -> dict[str, float]:
+    """This machine's speed probes: the latest jobs' median, each device, model and precision apart."""
+    probes = dict(fit.ref.data.get("probes") or {})
+    probes.update({key: float(f"{_median(xs[-20:], 0.0):.4g}") for key, xs in fit.s.probes.items()})
+    return probes
