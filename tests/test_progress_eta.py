@@ -199,3 +199,20 @@ def test_replay_json_carries_the_range_and_the_text_says_it_up_front():
         snap.remaining_lo_s == pytest.approx(line["remaining_lo_s"], abs=1e-3)
     assert " to " in snap.eta_text, snap.eta_text
     json.dumps(line)
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("a GPU the model has never seen", {"gpu": "B300", "spf": 0.015}),
+    ("a preempted segment restarted (attempt 2)", {"restart": {1: 0.5}}),
+    ("cold starts 5x the usual", {"warm": (False, False), "cold_s": 150.0}),
+    ("an uplink 10x slower", {"upload_rate": 2e5}),
+])
+def test_the_eta_recovers_from_what_the_model_never_saw(name, changes):
+    """Once the job has shown itself (its second half), the remaining time is within 20 % at the median."""
+    from tests.test_progress_synth import JobSpec, job_events
+
+    events = job_events(JobSpec(frames=960, segment_frames=240, parallel=2, **changes))
+    t0, t_end = events[0]["t"], events[-1]["t"]
+    errors = [abs(r["remaining_s"] - (t_end - r["t"])) / (t_end - r["t"]) for r in replay_events(events, MODEL)
+              if t_end - r["t"] >= 10 and r["t"] - t0 >= 0.5 * (t_end - t0)]
+    assert errors and sorted(errors)[len(errors) // 2] <= 0.2, name

@@ -88,11 +88,13 @@ class Estimator:
         scenarios: bool = True,
         skew_download: float | None = None,
         settle_samples: int = 1,
+        batch_frames: float = 8.0,
         range_scale: float = 2.5,
         range_floor: float = 0.03,
         range_default_sd: float = 0.3,
     ) -> None:
         self.range_scale = range_scale
+        self.batch_frames = batch_frames
         self.range_floor = range_floor
         self.range_default_sd = range_default_sd
         self.settle_samples = settle_samples
@@ -510,10 +512,13 @@ class _Run:
             self.rates["upscale"] = done / time
         else:
             obs = None
-        log_spf = blend(mu, sd, obs, time, self.est.tau_spf)
+        # frames leave the model in batches: a few frames' rate is a burst's, so
+        # evidence counts fully only past a few batches' worth of frames
+        evidence = time * done / (done + self.est.batch_frames) if done > 0 else 0.0
+        log_spf = blend(mu, sd, obs, evidence, self.est.tau_spf)
         sd_wide = max(sd, abs(obs - mu) / 2.0, 1e-3) if obs is not None else sd
         k = self.est.tau_spf / sd_wide**2
-        self.spf_sd = sd_wide * math.sqrt(k / (time + k)) if time > 0 else sd
+        self.spf_sd = sd_wide * math.sqrt(k / (evidence + k)) if evidence > 0 else sd
         return math.exp(log_spf), time
 
     def _warm_excess(self, spf: float) -> float:
