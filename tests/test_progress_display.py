@@ -483,12 +483,7 @@ def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
 
 
 def test_json_snapshot_carries_the_80_percent_range_when_the_estimator_has_one(monkeypatch):
-    class Ranged(Snapshot):
-        remaining_lo_s = 12.04
-        remaining_hi_s = 30.0
-
-    cloud = snapshot_cloud()
-    snap = Ranged(**{f.name: getattr(cloud, f.name) for f in dataclasses.fields(cloud)})
+    snap = dataclasses.replace(snapshot_cloud(), remaining_lo_s=12.04, remaining_hi_s=30.0)
     fields = snapshot_fields(snap)
     assert (fields["remaining_lo_s"], fields["remaining_hi_s"]) == (12.0, 30.0)
     assert "remaining_lo_s" not in snapshot_fields(snapshot_cloud())
