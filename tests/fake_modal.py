@@ -37,7 +37,8 @@ mid-segment); `preempt` (parts whose first run is preempted after
 container); `fail` (part -> a clipexport error its first run raises, which
 the body returns as the call's result); `gate` (containers wait for it before
 running); `timeout_s` (a call's time limit); `deployed`.
-`log` holds every phase start and end seen in a container.
+`log` holds every phase start and end seen in a container; `upscaled`
+counts the frames upscaled per part over all its runs.
 """
 
 from __future__ import annotations
@@ -128,10 +129,15 @@ class _Guard:
         self.inner, self.service, self.call = inner, service, call
         self.scale = inner.scale
         self.part: str | None = None
+        self.frames: Counter = Counter()  # frames upscaled per part in this run, over its fragments' streams
 
     def stream(self, frames: Iterable[Any], *, batch: int = 4) -> Iterator[Any]:
         svc, part = self.service, self.part
-        for n, frame in enumerate(self.inner.stream(frames, batch=batch), start=1):
+        for frame in self.inner.stream(frames, batch=batch):
+            self.frames[part] += 1
+            n = self.frames[part]
+            with svc._lock:
+                svc.upscaled[part] += 1
             if self.call.cancelled.is_set():
                 raise Cancelled()
             if svc.frame_delay_s:
@@ -183,6 +189,7 @@ class FakeModal:
         self.transport: deque[BaseException] = deque()  # raised by the next `get`s, one each
         self.get_gate: threading.Event | None = None  # while set to an unset event, `get` waits
         self.gets = 0  # how many `get`s reached the server
+        self.upscaled: Counter = Counter()  # frames upscaled per part, over all runs
         self._upscalers: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)

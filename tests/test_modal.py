@@ -352,6 +352,24 @@ def test_preempted_segment_is_redone_as_attempt_2(tmp_path):
     ends_once(rec.events)
 
 
+def test_preempted_inside_a_segment_continues_after_its_last_stored_fragment(tmp_path):
+    """72 frames at 24 fps: a preemption 40 frames in keeps the first fragment (24), redoes 16."""
+    job = make_job(tmp_path, frames=72, segment_frames=72)
+    svc = FakeModal(tmp_path / "fake", preempt={"seg-0001"}, preempt_after=40)
+    rec = Recorder(job.id)
+    backend(job, svc.client()).run(job.tasks, rec, threading.Event())
+
+    assert svc.events == ["preempted seg-0001"]
+    assert svc.attempts("seg-0001") == [1, 2]
+    assert svc.upscaled["seg-0001"] == 72 + 40 - 24, "the fresh container continues after the stored fragment"
+    resumed = [e["done"] for e in rec.events if e.get("part") == "seg-0001" and e.get("attempt") == 2
+               and e["type"] == "progress" and e["phase"] == "upscale"]
+    assert resumed[0] >= 24, "attempt 2 is shown from the frames it kept, not from 0"
+    check_outputs(job, tmp_path)
+    check_events(rec.events, ["seg-0001"])
+    assert job.storage.list(job.tasks[0].key.removesuffix(".mp4") + ".partial/") == [], "its fragments are dropped"
+
+
 def test_failed_call_is_spawned_again(tmp_path):
     job = make_job(tmp_path)
     svc = FakeModal(tmp_path / "fake", crash={"seg-0001"})

@@ -139,10 +139,12 @@ def test_error_then_resume_then_done():
     assert snap.state == "done" and snap.fraction == 1.0 and frozen < 1.0
 
 
-def test_rows_sum_parts_in_their_unit_and_restart_lowers_a_part_only():
+def test_rows_sum_parts_in_their_unit_and_restart_lowers_a_part_not_its_row():
     tracker = Tracker(MODEL)
+    sums = []
     for event in BASES["restart"]:
         tracker.feed(event)
+        sums.append(sum(p.done for p in tracker.state.phases["upscale"].parts.values()))
         if event["type"] == "progress" and event["phase"] == "upscale" and event.get("attempt") == 2:
             break
     snap = tracker.snapshot(event["t"])
@@ -152,7 +154,8 @@ def test_rows_sum_parts_in_their_unit_and_restart_lowers_a_part_only():
     assert rows["upscale"].unit == "frames" and rows["upscale"].total == 360 and rows["upscale"].state == "running"
     seg2 = tracker.state.phases["upscale"].parts["seg-0002"]
     assert seg2.attempt == 2 and seg2.lost_done > 0 and seg2.done <= 120
-    assert rows["upscale"].done == sum(p.done for p in tracker.state.phases["upscale"].parts.values())
+    assert sums[-1] < max(sums), "the restart took its part back"
+    assert rows["upscale"].done == max(sums), "the row shows the most it has been, never less"
     assert rows["finalize"].state == "pending"
 
 
@@ -223,3 +226,18 @@ def test_estimate_plan_breaks_the_total_into_phases():
     assert set(est["phases"]) == {"prepare", "upload", "queue", "load_model", "upscale", "encode", "download", "finalize"}
     assert math.isclose(sum(est["phases"].values()), est["total_s"], rel_tol=0.02, abs_tol=1.5)
     assert est["total_s"] > 0 and est["phases"]["upscale"] > 0
+
+
+def test_a_part_resumed_inside_keeps_its_row_and_counts_only_the_redone_frames_as_lost():
+    """Killed 61 frames into a 96-frame segment, resumed from its last whole fragment (48)."""
+    tracker = Tracker(MODEL)
+    part = {"phase": "upscale", "part": "seg-0001", "unit": "frames", "total": 96}
+    feed = [("phase_start", {"attempt": 1, "done": 0}), ("progress", {"attempt": 1, "done": 61}),
+            ("phase_start", {"attempt": 2, "done": 48}), ("progress", {"attempt": 2, "done": 55})]
+    shown = []
+    for seq, (typ, fields) in enumerate(feed):
+        tracker.feed({"v": 1, "job": "j", "seq": seq, "t": 100.0 + seq, "type": typ, **part, **fields})
+        shown.append(next(r.done for r in tracker.snapshot(100.0 + seq).phases if r.phase == "upscale"))
+    assert shown == [0, 61, 61, 61]
+    seg = tracker.state.phases["upscale"].parts["seg-0001"]
+    assert seg.done == 55 and seg.lost_done == 61 - 48

@@ -7,11 +7,13 @@ For each task it:
    segment is never redone, whoever finished it);
 2. fetches the input clip from the store into a local cache, once per
    container per key (keys are content-addressed, so a cached file is right);
-3. runs `worker.run_segment`, the very generator the local backend runs;
+3. runs `worker.run_segment`, the very generator the local backend runs,
+   with each whole fragment of the segment put in the store as it ends
+   (`StoredFragments`), so that a restarted input continues after the last;
 4. publishes the segment's cumulative state to the job's progress channel
    (throttled to about one write a second, always on phase starts and ends);
 5. puts the finished file in the store under `task.key`, then publishes the
-   segment as stored.
+   segment as stored and drops its fragments.
 
 A part restarted on the same input (a preempted container, a retry) finds its
 own earlier snapshot in the channel and runs as `attempt + 1`, so the client
@@ -52,7 +54,7 @@ from typing import Any
 from clipexport.errors import BackendError, ClipexportError, RemoteFailure
 from clipexport.media import ClipPlan, Segment
 from clipexport.storage import ProgressChannel, Storage, open_storage
-from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
+from clipexport.worker import FragmentDir, FrameUpscaler, SegmentTask, run_segment
 
 logger = logging.getLogger("clipexport.remote")
 
@@ -167,6 +169,45 @@ def fetch_input(storage: Storage, key: str, cache: Path) -> Path:
             match = _SHA_IN_KEY.search(key)
             storage.get_file(key, path, sha256=match.group(1) if match else None)
     return path
+
+
+class StoredFragments(FragmentDir):
+    """A segment's whole fragments, put in the store as each one ends.
+
+    A container that takes the input after a preemption (a fresh one, with
+    an empty cache) finds them under `<segment key>.partial/<job>/` and
+    continues after the last; the files under `cache` are a local copy.
+    """
+
+    def __init__(self, storage: Storage, key: str, job: str, cache: Path) -> None:
+        self.prefix = f"{Path(key).with_suffix('.partial').as_posix()}/{job}/"
+        super().__init__(cache / self.prefix)
+        self.storage = storage
+
+    def _key(self, index: int) -> str:
+        return self.prefix + self.path(index).name
+
+    def count(self) -> int:
+        stored = {info.key for info in self.storage.list(self.prefix)}
+        index = 0
+        while self._key(index) in stored:
+            index += 1
+        return index
+
+    def add(self, index: int, written: Path) -> None:
+        super().add(index, written)
+        self.storage.put_file(self._key(index), self.path(index))
+
+    def paths(self, count: int) -> list[Path]:
+        paths = super().paths(count)
+        for index, path in enumerate(paths):
+            if not path.is_file():
+                self.storage.get_file(self._key(index), path)
+        return paths
+
+    def clear(self) -> None:
+        self.storage.delete_prefix(self.prefix)
+        super().clear()
 
 
 # -- one call -----------------------------------------------------------------
@@ -307,14 +348,16 @@ class _SegmentRun:
         plan = dataclasses.replace(task.clip, info=dataclasses.replace(task.clip.info, path=local))
         runnable = dataclasses.replace(task, clip=plan, attempt=self.attempt)
         out = cache / "segments" / f"{task.job}-{self.part}-{self.attempt}{Path(task.key).suffix}"
+        fragments = StoredFragments(self.storage, task.key, task.job, cache)
         started = self.clock()
         try:
-            for event in run_segment(runnable, upscaler, out):
+            for event in run_segment(runnable, upscaler, out, fragments=fragments):
                 self._apply(event)
             size = out.stat().st_size
             self.storage.put_file(task.key, out)
         finally:
             out.unlink(missing_ok=True)
+        fragments.clear()
         elapsed = round(self.clock() - started, 3)
         self.snapshot["state"] = "stored"
         self.snapshot["phases"]["encode"]["elapsed"] = elapsed  # encode ends once the file is stored

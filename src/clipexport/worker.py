@@ -1,8 +1,10 @@
 """The job body that runs next to the GPU, shared by every backend.
 
 `run_segment` is a generator over one segment: decode its frames, upscale
-them, encode them, store the file under its content key, yielding cumulative
-progress as partial contract events all the while. The local backend relays
+them, encode them as fragments of about a second (each recorded once whole,
+so a killed segment resumes after the last one), join them into the file
+stored under its content key, yielding cumulative progress as partial
+contract events all the while. The local backend relays
 what it yields straight to the client; the Modal backend runs the very same
 generator inside a container and publishes it to the storage progress
 channel. A segment's key is derived from everything that shapes its output,
@@ -14,15 +16,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import time
 from collections.abc import Callable, Generator, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
+from fractions import Fraction
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
 from clipexport.events import Throttle
-from clipexport.media import ClipPlan, Segment, VideoWriter, read_frames
+from clipexport.media import ClipPlan, Segment, VideoWriter, join_video, read_frames
 
 SEGMENT_SUFFIX = ".mp4"
 
@@ -79,32 +85,105 @@ def segment_key(
     return f"segments/{digest[:32]}{SEGMENT_SUFFIX}"
 
 
+def fragment_frames(fps: Fraction) -> int:
+    """Frames per fragment: one second of video (keyint = round(fps)), at least one."""
+    return max(1, round(fps))
+
+
+class FragmentDir:
+    """A segment's finished fragments, in one directory, while the segment is written.
+
+    A segment is written as fragments of about a second, each by its own
+    encoder run: each starts on an IDR frame and refers to nothing before it
+    (a closed GOP of `fragment_frames` frames), so the segment stays valid
+    when cut after any of them. Fragment `i` is written under a temporary
+    name and renamed to `00000i.mp4` once whole: its file is the record that
+    it is done, so a killed worker resumes at the frame after the last one.
+    The directory is named after the segment's key and the job, so the
+    job's next attempt continues it, and two jobs that render the same
+    segment at once never write into each other's.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, index: int) -> Path:
+        return self.root / f"{index:05d}{SEGMENT_SUFFIX}"
+
+    def count(self) -> int:
+        """How many fragments, from the first, are whole."""
+        index = 0
+        while self.path(index).is_file():
+            index += 1
+        return index
+
+    def scratch(self, index: int) -> Path:
+        """A fresh temporary name to write fragment `index` under."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root / f".{index:05d}.{os.getpid()}.{secrets.token_hex(4)}.tmp{SEGMENT_SUFFIX}"
+
+    def add(self, index: int, written: Path) -> None:
+        """Record fragment `index`, whole in `written`."""
+        os.replace(written, self.path(index))
+
+    def paths(self, count: int) -> list[Path]:
+        """The files of fragments 0..count-1, here."""
+        return [self.path(i) for i in range(count)]
+
+    def clear(self) -> None:
+        """Drop them: the segment they made is stored."""
+        shutil.rmtree(self.root, ignore_errors=True)
+        with suppress(OSError):  # another job's fragments of the same segment may be there
+            self.root.parent.rmdir()
+
+
+def fragments_beside(out_path: Path, job: str) -> FragmentDir:
+    """A job's fragments of the segment that will be `out_path`: `<name>.partial/<job>/` beside it."""
+    return FragmentDir(out_path.with_suffix(".partial") / job)
+
+
 def run_segment(
     task: SegmentTask,
     upscaler: FrameUpscaler,
     out_path: Path,
     *,
+    fragments: FragmentDir | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[dict[str, Any]]:
     """Upscale and encode one segment into `out_path`, yielding progress.
 
     Frames are encoded as they leave the model, so `upscale` and `encode`
-    progress together; `encode` ends after the encoder's flush. The file is
-    written under a temporary name and renamed at the end, so `out_path`
-    exists only when complete: that is what makes a segment idempotent.
+    progress together; `encode` ends once the fragments are joined. The
+    segment is written as fragments (see `FragmentDir`) and continues after
+    those already whole: its `done` starts there (on the `phase_start`s too),
+    so a resumed part never goes back. The joined file is written under a
+    temporary name and renamed at the end, so `out_path` exists only when
+    complete: that is what makes a segment idempotent.
+
+    `fragments` defaults to `fragments_beside(out_path, task.job)`, dropped once
+    `out_path` is whole; a caller that stores the segment elsewhere passes
+    its own and clears it once the segment is stored.
     """
+    owned = fragments is None
+    fragments = fragments or fragments_beside(out_path, task.job)
     seg, total = task.segment, task.segment.count
+    size = fragment_frames(task.clip.fps)
+    first = fragments.count()
+    kept = min(first * size, total)
     common = {"part": seg.name, "unit": "frames", "total": total, "attempt": task.attempt}
     started = clock()
-    yield {"type": "phase_start", "phase": "upscale", **common}
-    yield {"type": "phase_start", "phase": "encode", **common}
+    yield {"type": "phase_start", "phase": "upscale", **common, "done": kept}
+    yield {"type": "phase_start", "phase": "encode", **common, "done": kept}
+    done = yield from _encode_fragments(task, upscaler, fragments, first, common, clock)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp{out_path.suffix}")
+    tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{out_path.suffix}")
     try:
-        done = yield from _encode_frames(task, upscaler, tmp, common, clock)
+        join_video(fragments.paths(-(-total // size)), tmp, task.clip.fps)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+    if owned:
+        fragments.clear()
     elapsed = round(clock() - started, 3)
     end = {**common, "done": done, "elapsed": elapsed}
     yield {"type": "progress", "phase": "upscale", **common, "done": done}
@@ -113,29 +192,45 @@ def run_segment(
     yield {"type": "phase_end", "phase": "encode", **end, "bytes": out_path.stat().st_size}
 
 
-def _encode_frames(
+def _encode_fragments(
     task: SegmentTask,
     upscaler: FrameUpscaler,
-    tmp: Path,
+    fragments: FragmentDir,
+    first: int,
     common: dict[str, Any],
     clock: Callable[[], float],
 ) -> Iterator[dict[str, Any]]:
-    """Pipe decoded frames through the model into the encoder; return the count."""
+    """Pipe decoded frames through the model into fragments from `first` on; return the frames done.
+
+    Each fragment gets its own model stream over its own frames, so the
+    model never runs ahead into a fragment not yet begun: a kill loses at
+    most the fragment in hand.
+    """
     seg, clip, scale = task.segment, task.clip, upscaler.scale
     width, height = clip.size
-    frames = read_frames(clip, seg.start, seg.count)
-    done, throttle = 0, Throttle(clock=clock)
-    # `closing` stops the model's threads as soon as anything goes wrong here
-    # (Ctrl-C included): a traceback would otherwise keep the stream alive,
-    # and a process exiting with torch mid-batch in another thread aborts.
-    with (
-        VideoWriter(tmp, width * scale, height * scale, clip.fps, codec=task.codec, crf=task.crf) as writer,
-        closing(upscaler.stream(frames)) as upscaled,
-    ):
-        for frame in upscaled:
-            writer.write(frame)
-            done += 1
-            if throttle.ready():
-                yield {"type": "progress", "phase": "upscale", **common, "done": done}
-                yield {"type": "progress", "phase": "encode", **common, "done": done}
+    size = fragment_frames(clip.fps)
+    done = min(first * size, seg.count)
+    throttle = Throttle(clock=clock)
+    # `closing` stops the decoder and the model's threads as soon as anything
+    # goes wrong here (Ctrl-C included): a traceback would otherwise keep the
+    # stream alive, and a process exiting with torch mid-batch in another
+    # thread aborts.
+    with closing(read_frames(clip, seg.start + done, seg.count - done)) as frames:
+        index = first
+        while done < seg.count:
+            count = min(size, seg.count - done)
+            scratch = fragments.scratch(index)
+            with (
+                VideoWriter(scratch, width * scale, height * scale, clip.fps, codec=task.codec,
+                            crf=task.crf) as writer,
+                closing(upscaler.stream(islice(frames, count))) as upscaled,
+            ):
+                for frame in upscaled:
+                    writer.write(frame)
+                    done += 1
+                    if throttle.ready():
+                        yield {"type": "progress", "phase": "upscale", **common, "done": done}
+                        yield {"type": "progress", "phase": "encode", **common, "done": done}
+            fragments.add(index, scratch)
+            index += 1
     return done

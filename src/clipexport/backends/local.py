@@ -18,7 +18,7 @@ from clipexport.backends.base import EmitFn
 from clipexport.backends.probe import probe_speed
 from clipexport.errors import Interrupted
 from clipexport.storage import Storage
-from clipexport.worker import FrameUpscaler, SegmentTask, run_segment
+from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment
 
 HEARTBEAT_S = 1.0
 LOAD_GRACE_S = 30.0  # how long a stop waits for a model load in progress
@@ -56,16 +56,19 @@ class LocalBackend:
                 self._run_to_store(task, upscaler, emit)
 
     def _run_to_store(self, task: SegmentTask, upscaler: FrameUpscaler, emit: EmitFn) -> None:
+        """Fragments stay here until the segment is in the store: a kill before that loses none."""
         scratch = self.root / "scratch" / task.key
+        fragments = fragments_beside(scratch, task.job)
         last = None
         try:
-            for event in run_segment(task, upscaler, scratch):
+            for event in run_segment(task, upscaler, scratch, fragments=fragments):
                 if last is not None:
                     emit(last)
                 last = event
             self._storage.put_file(task.key, scratch)  # type: ignore[union-attr]
         finally:
             scratch.unlink(missing_ok=True)
+        fragments.clear()
         if last is not None:
             emit(last)
 

@@ -44,13 +44,13 @@ here, one-line messages) <- ``probe`` (:class:`ClipInfo`, :func:`probe`) <-
 ``plan`` (:class:`Crop`, :func:`parse_crop`, :func:`parse_trim`,
 :class:`ClipPlan`, :func:`plan_clips`, :class:`Segment`, :func:`plan_segments`)
 <- ``decode`` (:func:`read_frames`) and ``mux`` (:func:`concat_and_mux`,
-:class:`SegmentError`: containers, audio copy vs AAC); ``encode``
+:func:`join_video`, :class:`SegmentError`: containers, audio copy vs AAC); ``encode``
 (:class:`VideoWriter`) needs only ``_util``.
 """
 
 from .decode import read_frames
 from .encode import VideoWriter
-from .mux import SegmentError, concat_and_mux
+from .mux import SegmentError, concat_and_mux, join_video
 from .plan import ClipPlan, Crop, Segment, parse_crop, parse_trim, plan_clips, plan_segments
 from .probe import ClipInfo, probe
 
@@ -62,6 +62,7 @@ __all__ = [
     "SegmentError",
     "VideoWriter",
     "concat_and_mux",
+    "join_video",
     "parse_crop",
     "parse_trim",
     "plan_clips",

@@ -156,6 +156,54 @@ def _video_packets(
             container.close()
 
 
+def join_video(parts: list[Path], out: Path, fps: Fraction) -> int:
+    """Join video-only files (VideoWriter's, one configuration) by stream copy into ``out``; return frames.
+
+    What a segment written as fragments becomes at the end: the same packets
+    on one continuous timeline, in a file that :func:`concat_and_mux` takes
+    like any segment. ``out``'s suffix names the container; it is deleted if
+    anything fails.
+    """
+    out = Path(out)
+    if not parts:
+        raise SegmentError(f"{out}: no fragments to join")
+    try:
+        out_c = av.open(str(out), "w", format=_output_format(out, None))
+    except _AV_ERRORS as exc:
+        raise OutputError(f"{out}: cannot create ({_reason(exc)})") from exc
+    counter = [0]
+    ok = False
+    try:
+        for packet in _copied_video(parts, out_c, fps, counter):
+            out_c.mux(packet)
+        out_c.close()
+        ok = True
+    except _AV_ERRORS as exc:
+        raise OutputError(f"{out}: joining the fragments failed ({_reason(exc)})") from exc
+    finally:
+        if not ok:
+            try:
+                out_c.close()
+            except Exception:  # noqa: BLE001 - already failing
+                pass
+            out.unlink(missing_ok=True)
+    return counter[0]
+
+
+def _copied_video(segments: list[Path], out_c: Any, fps: Fraction, counter: list[int]) -> Iterator[Any]:
+    """Add to ``out_c`` a video stream like the first segment's; its packets from every segment."""
+    first = _open_segment(segments[0])
+    try:
+        vs0 = first.streams.video[0]
+        ctx0 = vs0.codec_context
+        expect = (ctx0.name, ctx0.width, ctx0.height, bytes(ctx0.extradata or b""))
+        vout = out_c.add_stream_from_template(vs0)
+        vout.time_base = vs0.time_base
+    finally:
+        first.close()
+    return _video_packets(segments, vout, fps, expect, counter)
+
+
 def _origin(container: Any, v: Any | None) -> Fraction:
     """Container time (s) of the first video frame: the clip's time 0."""
     if v is not None and v.start_time is not None and v.time_base:
@@ -431,25 +479,18 @@ def concat_and_mux(
     if any(p.info.has_audio for p in plans):
         audio_mode = "copy" if len(plans) == 1 and _copy_audio_ok(plans[0], fmt) else "aac"
 
-    first = _open_segment(segments[0])
     options = {"movflags": "+faststart"} if (faststart and fmt in ("mp4", "mov")) else {}
     try:
         out_c = av.open(str(out), "w", format=fmt, options=options)
     except _AV_ERRORS as exc:
-        first.close()
         raise OutputError(f"{out}: cannot create ({_reason(exc)})") from exc
 
     source: Any = None
     ok = False
     try:
-        vs0 = first.streams.video[0]
-        ctx0 = vs0.codec_context
-        expect = (ctx0.name, ctx0.width, ctx0.height, bytes(ctx0.extradata or b""))
-        vout = out_c.add_stream_from_template(vs0)
-        vout.time_base = vs0.time_base
-        first.close()
         counter = [0]
-        sources: list[Iterator[Any]] = [_video_packets(segments, vout, fps, expect, counter)]
+        sources: list[Iterator[Any]] = [_copied_video(segments, out_c, fps, counter)]
+        vindex = out_c.streams.video[0].index
         if audio_mode == "copy":
             source = _open_input(plans[0].info.path)
             aout = out_c.add_stream_from_template(source.streams.audio[0])
@@ -460,7 +501,6 @@ def concat_and_mux(
             aout.codec_context.bit_rate = 192_000 if layout == "stereo" else 128_000
             aout.time_base = Fraction(1, rate)
             sources.append(_encoded_audio(plans, aout, rate, layout))
-        vindex = vout.index
         try:
             out_c.start_encoding()
         except _AV_ERRORS as exc:
@@ -485,10 +525,6 @@ def concat_and_mux(
         if source is not None:
             source.close()
         if not ok:
-            try:
-                first.close()
-            except Exception:  # noqa: BLE001
-                pass
             try:
                 out_c.close()
             except Exception:  # noqa: BLE001

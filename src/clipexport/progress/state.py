@@ -148,6 +148,7 @@ class PhaseState(_Span):
     detail_t: float | None = None
     base_done: float = 0.0  # work done before the latest resume (not this run's rate)
     redo: float = 0.0  # work the latest resume found half done: it is done again
+    peak: float = 0.0  # the most `done` has been: what its row shows, so a restarted part never takes it back
 
     def halt(self, t: float) -> None:
         """A resume found this phase unfinished: what ran counts as lost; it starts anew."""
@@ -160,6 +161,18 @@ class PhaseState(_Span):
         self.start_t = None
         self.start_seq = -math.inf
         self.base_done = self.done
+
+    def kept(self, part: PartState, done: float, *, halted: bool) -> None:
+        """A restarted `part` starts with `done` work its last attempt left whole: not lost, not redone.
+
+        When a resume had halted it, that work was also done before the
+        resume: out of what the resume redoes and out of this run's rate.
+        """
+        kept = min(done, part.lost_done)
+        part.lost_done -= kept
+        if halted:
+            self.redo = max(0.0, self.redo - kept)
+            self.base_done += kept
 
     @property
     def done(self) -> float:
@@ -294,6 +307,7 @@ class JobState:
                 self._heartbeat(ph, event, t)
             elif typ == "phase_end":
                 self._phase_end(ph, event, t, sq)
+            ph.peak = max(ph.peak, ph.done)
         return True
 
     def _plan(self, event: Event, t: float) -> None:
@@ -358,6 +372,7 @@ class JobState:
                 ph.total = total
             return
         part = ph.part(key)
+        before, halted = part.attempt, part.start_t is None and part.lost_done > 0
         if not part._attempt_of(event, t):
             return
         if part.start_t is None or t < part.start_t:
@@ -369,6 +384,8 @@ class JobState:
             part.worker = event["worker"]
         done = _num(event.get("done"))
         if done is not None and sq > part.seq:
+            if part.attempt > before:
+                ph.kept(part, done, halted=halted)
             part.done, part.seq = done, sq
 
     def _progress(self, ph: PhaseState, event: Event, t: float, sq: float) -> None:

@@ -172,7 +172,7 @@ class Tracker:
             totals = [p.total for p in ph.parts.values()]
             if all(t is not None for t in totals):
                 total = float(sum(totals))  # type: ignore[arg-type]
-        done = ph.done
+        done = ph.peak  # never less than shown before: a part restarted by a resume catches up unseen
         finished = ph.ended or st.terminal == "done"
         if finished:
             state = "done"
@@ -183,9 +183,9 @@ class Tracker:
         else:
             state = "pending"
         rate = None
-        if state == "running" and ph.start_t is not None and done > ph.base_done:
+        if state == "running" and ph.start_t is not None and ph.done > ph.base_done:
             span = now - ph.start_t  # since this run started it: work done before a resume is not its rate
-            rate = (done - ph.base_done) / span if span > 0 else None
+            rate = (ph.done - ph.base_done) / span if span > 0 else None
         detail = None
         if state in ("running", "waiting"):
             detail = ph.detail
