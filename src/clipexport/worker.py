@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -97,7 +98,7 @@ class FragmentDir:
     encoder run: each starts on an IDR frame and refers to nothing before it
     (a closed GOP of `fragment_frames` frames), so the segment stays valid
     when cut after any of them. Fragment `i` is written under a temporary
-    name and renamed to `00000i.mp4` once whole: its file is the record that
+    name and renamed to `0000i.mp4` (`00012.mp4`) once whole: its file is the record that
     it is done, so a killed worker resumes at the frame after the last one.
     The directory is named after the segment's key and the job, so the
     job's next attempt continues it, and two jobs that render the same
@@ -168,17 +169,16 @@ def run_segment(
     fragments = fragments or fragments_beside(out_path, task.job)
     seg, total = task.segment, task.segment.count
     size = fragment_frames(task.clip.fps)
-    first = fragments.count()
-    kept = min(first * size, total)
+    kept = min(fragments.count() * size, total)
     common = {"part": seg.name, "unit": "frames", "total": total, "attempt": task.attempt}
     started = clock()
     yield {"type": "phase_start", "phase": "upscale", **common, "done": kept}
     yield {"type": "phase_start", "phase": "encode", **common, "done": kept}
-    done = yield from _encode_fragments(task, upscaler, fragments, first, common, clock)
+    done = yield from _encode_fragments(task, upscaler, fragments, kept, common, clock)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{out_path.suffix}")
     try:
-        join_video(fragments.paths(-(-total // size)), tmp, task.clip.fps)
+        join_video(fragments.paths(math.ceil(total / size)), tmp, task.clip.fps)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -196,11 +196,11 @@ def _encode_fragments(
     task: SegmentTask,
     upscaler: FrameUpscaler,
     fragments: FragmentDir,
-    first: int,
+    kept: int,
     common: dict[str, Any],
     clock: Callable[[], float],
 ) -> Iterator[dict[str, Any]]:
-    """Pipe decoded frames through the model into fragments from `first` on; return the frames done.
+    """Pipe the frames after the `kept` ones through the model into fragments; return the frames done.
 
     Each fragment gets its own model stream over its own frames, so the
     model never runs ahead into a fragment not yet begun: a kill loses at
@@ -208,15 +208,14 @@ def _encode_fragments(
     """
     seg, clip, scale = task.segment, task.clip, upscaler.scale
     width, height = clip.size
-    size = fragment_frames(clip.fps)
-    done = min(first * size, seg.count)
+    size, done = fragment_frames(clip.fps), kept
     throttle = Throttle(clock=clock)
     # `closing` stops the decoder and the model's threads as soon as anything
     # goes wrong here (Ctrl-C included): a traceback would otherwise keep the
     # stream alive, and a process exiting with torch mid-batch in another
     # thread aborts.
     with closing(read_frames(clip, seg.start + done, seg.count - done)) as frames:
-        index = first
+        index = kept // size
         while done < seg.count:
             count = min(size, seg.count - done)
             scratch = fragments.scratch(index)
