@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/eta_accuracy.py
 	$(PY) bench/eta_live.py --quick
 	$(PY) bench/transfer.py
+	$(PY) bench/fragments.py
 
 clean:
 	rm -rf $(VENV) examples/sample-x2.mp4
