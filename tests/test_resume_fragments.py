@@ -2,7 +2,7 @@
 
 Renders run as real processes (`tests/counted_run.py`: the CLI with every
 frame entering the model counted in a file) and are SIGKILLed by that
-wrapper once N frames have gone through the model. After each kill the
+wrapper as the N-th frame enters the model. After each kill the
 test reads what is durable on disk (whole segments, whole fragments): the
 frames upscaled so far minus those are the frames the kill lost.
 """
@@ -45,7 +45,7 @@ class Counted:
 
     def upscaled(self) -> int:
         """Frames that went into the model, over every process so far."""
-        return sum(int(n) for n in self.count_file.read_text().split()) if self.count_file.exists() else 0
+        return len(self.count_file.read_text().split()) if self.count_file.exists() else 0
 
     def kept(self) -> int:
         """Frames durable on disk: in whole segments, else in their whole fragments."""
