@@ -3,7 +3,7 @@
 What it holds:
 
 - an image: slim Debian, Python 3.11, CUDA torch, PyAV (FFmpeg inside),
-  boto3, the `clipexport` package from this checkout, and the official
+  boto3, Pillow (overlays are drawn in the container), the `clipexport` package from this checkout, and the official
   Real-ESRGAN weights downloaded at build time by the package's own download
   code (pinned sha256, verified; the image build fails on a mismatch);
 - the class `Upscaler`, parameterized by model and scale: `@modal.enter`
@@ -84,7 +84,8 @@ def _gpu_name() -> str | None:
 
 image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("torch==2.13.0", "av>=12", "numpy>=1.26", "platformdirs>=4", "boto3>=1.36", "safetensors>=0.4")
+    .pip_install("torch==2.13.0", "av>=12", "numpy>=1.26", "platformdirs>=4", "boto3>=1.36", "safetensors>=0.4",
+                 "pillow>=10.1")
     .env(
         {
             "CLIPEXPORT_CACHE_DIR": CACHE_DIR,

@@ -80,6 +80,7 @@ def task_to_dict(task: SegmentTask) -> dict[str, Any]:
         "crf": task.crf,
         "attempt": task.attempt,
         "input_key": task.input_key,
+        "overlays": list(task.overlays),
     }
 
 
@@ -93,6 +94,7 @@ def task_from_dict(data: dict[str, Any]) -> SegmentTask:
         crf=None if data.get("crf") is None else int(data["crf"]),
         attempt=int(data.get("attempt") or 1),
         input_key=data.get("input_key"),
+        overlays=tuple(data.get("overlays") or ()),
     )
 
 

@@ -20,7 +20,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import closing, suppress
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from clipexport.events import Throttle
 from clipexport.media import ClipPlan, Segment, VideoWriter, join_video, read_frames
+from clipexport.overlay import Painter
 
 SEGMENT_SUFFIX = ".mp4"
 
@@ -54,6 +55,7 @@ class SegmentTask:
     crf: int | None = None
     attempt: int = 1
     input_key: str | None = None  # where a remote worker fetches the clip from the store
+    overlays: tuple[dict[str, Any], ...] = ()  # those showing in this segment, drawn in order
 
 
 def segment_key(
@@ -66,8 +68,13 @@ def segment_key(
     scale: int,
     codec: str,
     crf: int | None,
+    overlays: Sequence[dict[str, Any]] = (),
 ) -> str:
-    """The storage key of a segment's output: a hash of all that shapes it."""
+    """The storage key of a segment's output: a hash of all that shapes it.
+
+    `overlays` are those showing in the segment: changing one re-renders
+    only the segments it touches. An image counts by its sha256, not its path.
+    """
     shape = {
         "input": input_sha256,
         "source_start": clip.start_frame,
@@ -82,6 +89,8 @@ def segment_key(
         "codec": codec,
         "crf": crf,
     }
+    if overlays:  # absent otherwise: keys of segments without overlays stay as they were
+        shape["overlays"] = [{k: v for k, v in o.items() if k not in ("png", "path")} for o in overlays]
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
     return f"segments/{digest[:32]}{SEGMENT_SUFFIX}"
 
@@ -151,7 +160,7 @@ def run_segment(
     fragments: FragmentDir | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[dict[str, Any]]:
-    """Upscale and encode one segment into `out_path`, yielding progress.
+    """Upscale, draw the overlays on, and encode one segment into `out_path`, yielding progress.
 
     Frames are encoded as they leave the model, so `upscale` and `encode`
     progress together; `encode` ends once the fragments are joined. The
@@ -209,6 +218,7 @@ def _encode_fragments(
     seg, clip, scale = task.segment, task.clip, upscaler.scale
     width, height = clip.size
     size, done = fragment_frames(clip.fps), kept
+    painter = Painter(task.overlays, width * scale, height * scale, clip.fps) if task.overlays else None
     throttle = Throttle(clock=clock)
     # `closing` stops the decoder and the model's threads as soon as anything
     # goes wrong here (Ctrl-C included): a traceback would otherwise keep the
@@ -225,7 +235,7 @@ def _encode_fragments(
                 closing(upscaler.stream(islice(frames, count))) as upscaled,
             ):
                 for frame in upscaled:
-                    writer.write(frame)
+                    writer.write(frame if painter is None else painter.paint(frame, seg.start + done))
                     done += 1
                     if throttle.ready():
                         yield {"type": "progress", "phase": "upscale", **common, "done": done}
