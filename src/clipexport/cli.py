@@ -241,8 +241,13 @@ def _examples(*examples: str) -> str:
     "    --storage r2://bucket/clipexport",
     "# progress for a script\nclipexport render clip.mp4 -o out.mp4 --json | jq 'select(.type==\"snapshot\")'"))
 def render(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT",
-                                                 help="Input clips, joined in this order into one output.")],
+    inputs: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="Input clips, joined in this order into one output (or --spec FILE instead).")] = None,
+    spec_file: Annotated[Optional[Path], typer.Option(
+        "--spec", metavar="FILE", rich_help_panel=INPUT,
+        help="A spec file (TOML or JSON; `clipexport spec --schema`): clips, framing, overlays and settings, "
+             "paths relative to it. Flags win over its settings.")] = None,
     trim: Annotated[Optional[list[str]], typer.Option(
         metavar="START-END", rich_help_panel=INPUT,
         help="In seconds or timecodes (1.5-4, 00:01-00:04.5, 2-). Given once: applies to every "
@@ -251,8 +256,11 @@ def render(
         metavar="W:H:X:Y", rich_help_panel=INPUT,
         help="Before upscaling; pairs with inputs like --trim. Inputs of another size or frame rate "
              "are resized and resampled to the first input's (after its crop).")] = None,
-    output: Annotated[Path, typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
-                                         help="Output file (.mp4, .mov or .mkv).")] = ...,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", rich_help_panel=OUTPUT,
+                                                   help="Output file (.mp4, .mov or .mkv).")] = None,
+    each: Annotated[Optional[Path], typer.Option(
+        "--each", metavar="DIR", rich_help_panel=OUTPUT,
+        help="Write each clip to its own file DIR/01-<stem>.mp4, ... instead of joining them.")] = None,
     codec: Annotated[Optional[str], typer.Option(metavar="h264|hevc", rich_help_panel=OUTPUT,
                                                  help="Video codec (default h264).")] = None,
     crf: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=OUTPUT,
@@ -292,21 +300,27 @@ def render(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Upscale INPUT... into one OUTPUT with the original audio.
+    """Upscale INPUT... (or the clips of --spec) into one OUTPUT with the original audio.
 
     Progress goes to stderr; at the end the output path alone goes to stdout
     (with --json, the events go to stdout instead).
     """
     _chatty(quiet, verbose)
     with _errors_to_exit():
-        settings = config.load_settings(
-            {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
-             "device": device, "backend": backend, "storage": storage, "endpoint_url": endpoint_url,
-             "parallel": parallel, "gpu": gpu}
-        )
-        spec = _spec(inputs, output, settings, weights, trim, crop)
+        flags = {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
+                 "device": device, "backend": backend, "storage": storage, "endpoint_url": endpoint_url,
+                 "parallel": parallel, "gpu": gpu, "weights": weights, "output": output, "each": each}
+        reel = None if spec_file is None else _load_reel(spec_file, inputs, trim, crop)
+        if reel is not None:
+            inputs, trim, crop, flags = _from_reel(reel, flags)
+        output, each, weights = _outputs(inputs, flags)
+        settings = config.load_settings({k: v for k, v in flags.items() if k not in ("weights", "output", "each")})
+        spec = _spec(inputs or [], output, settings, weights, trim, crop,
+                     overlays=None if reel is None else [c.overlays for c in reel.clips], each=each)
         from clipexport.orchestrator import prepare_job
 
+        if reel is not None:
+            _check_reel_media(reel, spec)
         _preflight(spec)
         prepared = prepare_job(spec, force=force or estimate)  # an estimate writes nothing
         if estimate:
@@ -320,8 +334,48 @@ def render(
              interval=progress_interval)
 
 
+def _load_reel(path: Path, inputs: list[Path] | None, trim: list[str] | None, crop: list[str] | None) -> Any:
+    """A spec file read and checked; its clips replace INPUT, --trim and --crop."""
+    if inputs or trim or crop:
+        raise UsageError("--spec names the clips and their framing: give no INPUT, --trim or --crop with it")
+    from clipexport.spec import load_spec
+
+    return load_spec(path)
+
+
+def _from_reel(reel: Any, flags: dict[str, Any]) -> tuple[list[Path], list[str], list[str], dict[str, Any]]:
+    """Inputs, trims, crops and settings from a spec; a flag given wins over the spec's setting."""
+    merged = {k: v if v is not None else reel.settings.get(k) for k, v in flags.items()}
+    if flags["output"] is not None or flags["each"] is not None:  # a flag's choice of output beats the spec's
+        merged.update(output=flags["output"], each=flags["each"])
+    merged.update({k: Path(merged[k]) for k in ("output", "each", "weights") if merged[k] is not None})
+    return ([c.source for c in reel.clips], [c.trim or "-" for c in reel.clips],
+            [c.crop or "-" for c in reel.clips], merged)
+
+
+def _outputs(inputs: list[Path] | None, flags: dict[str, Any]) -> tuple[Path, Path | None, Path | None]:
+    """(output, each, weights); with --each the output is that directory."""
+    if not inputs:
+        raise UsageError("give INPUT... or --spec FILE")
+    output, each = flags["output"], flags["each"]
+    if output is not None and each is not None:
+        raise UsageError("-o and --each exclude each other: join the clips into one file, or write each apart")
+    if output is None and each is None:
+        raise UsageError("give -o OUTPUT (or --each DIR)")
+    return (output if each is None else each), each, flags["weights"]
+
+
+def _check_reel_media(reel: Any, spec: JobSpec) -> None:
+    """A spec's trims, crops and overlays against its probed clips, before any job exists."""
+    from clipexport.media import probe
+    from clipexport.spec import check_media
+
+    check_media(reel, [probe(Path(p)) for p in spec.inputs], spec.scale)
+
+
 def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: Path | None,
-          trims: list[str] | None, crops: list[str] | None) -> JobSpec:
+          trims: list[str] | None, crops: list[str] | None, *,
+          overlays: list[list[dict[str, Any]]] | None = None, each: Path | None = None) -> JobSpec:
     from clipexport.media import parse_crop, parse_trim
 
     def paired(values: list[str] | None, parse: Any, flag: str) -> list[Any]:
@@ -362,6 +416,8 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         parallel=settings.parallel,
         gpu=settings.gpu if settings.backend != "local" else None,  # None: the deployment's fallback list
         device=settings.device,
+        overlays=overlays or [],
+        each=None if each is None else str(each.absolute()),
     )
 
 
@@ -438,7 +494,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
         if fresh:
             runner.emit_plan(prepared, backend=spec.backend, device=_device_name(spec))
         try:
-            out = runner.run(prepared)
+            runner.run(prepared)
         except Interrupted as exc:
             display.close()
             if exc.exit_code != EXIT_RESUMABLE:
@@ -449,7 +505,10 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             exc.job = record.id  # type: ignore[attr-defined]  # names the job in the one-line message
             raise
     if mode != "json":
-        print(out, flush=True)
+        from clipexport.orchestrator import output_paths
+
+        for path in output_paths(spec):
+            print(path, flush=True)
     _refit_timing_model(store)
 
 
@@ -730,6 +789,19 @@ def _human(event: dict[str, Any]) -> str:
 
         parts.append(amount(event["done"], event.get("total"), event.get("unit")))
     return "  ".join(parts)
+
+
+@app.command(name="spec", cls=_Command, epilog=_examples("clipexport spec --schema > clipexport-spec.schema.json"))
+def spec_command(
+    schema: Annotated[bool, typer.Option("--schema", help="Print the JSON Schema of spec files.")] = False,
+) -> None:
+    """About spec files (`render --spec FILE`): --schema prints their JSON Schema, for editors."""
+    with _errors_to_exit():
+        if not schema:
+            raise UsageError("nothing to do: give --schema")
+        from clipexport.spec import json_schema
+
+        print(json.dumps(json_schema(), indent=2), flush=True)
 
 
 @eta_app.command("fit", cls=_Command, epilog=_examples("clipexport eta fit", "clipexport eta fit a.jsonl b.jsonl -o model.json"))

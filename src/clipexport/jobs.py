@@ -64,6 +64,8 @@ class JobSpec:
     parallel: int = 1
     gpu: str | None = None
     device: str = "auto"
+    overlays: list[list[dict[str, Any]]] = field(default_factory=list)  # per input; see clipexport.overlay
+    each: str | None = None  # a directory: each input to its own file there (`output` is that directory)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

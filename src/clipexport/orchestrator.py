@@ -35,6 +35,7 @@ from clipexport.errors import (
 )
 from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
 from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
+from clipexport.overlay import touches
 from clipexport.remote import channel_prefix
 from clipexport.storage import ProgressChannel, Storage, hash_file
 from clipexport.transfers import SegmentDownloader, upload_inputs
@@ -84,13 +85,28 @@ def _check_model(spec: JobSpec) -> None:
 
 
 def _check_output(spec: JobSpec, force: bool) -> None:
-    out = Path(spec.output)
+    if spec.each is not None:
+        _check_each_dir(Path(spec.each))
+    for out in output_paths(spec):
+        _check_one_output(spec, out, force)
+
+
+def _check_each_dir(directory: Path) -> None:
+    """--each DIR: a directory, or one that can be made (at the end, not now)."""
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory}: --each needs a directory")
+    if not directory.exists() and not directory.parent.is_dir():
+        raise OutputError(f"{directory}: directory {directory.parent} does not exist")
+
+
+def _check_one_output(spec: JobSpec, out: Path, force: bool) -> None:
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise OutputError(f"{out}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
-    if not out.parent.is_dir():
+    directory = out.parent if out.parent.is_dir() or spec.each is None else out.parent.parent  # --each makes it
+    if not directory.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
-    if not _writable(out.parent):
-        raise OutputError(f"{out}: directory {out.parent} is not writable")
+    if not _writable(directory):
+        raise OutputError(f"{out}: directory {directory} is not writable")
     if out.is_dir():
         raise OutputError(f"{out}: is a directory")
     if out.exists() and not force:
@@ -204,9 +220,9 @@ class JobRunner:
 
     def run(self, prepared: Prepared) -> Path:
         """Run the job to completion; on any stop the job stays resumable."""
-        out, tmp = Path(self.spec.output), partial_output(self.spec, self.job)
+        out = Path(self.spec.output)
         try:
-            self._run(prepared, out, tmp)
+            self._run(prepared)
         except KeyboardInterrupt:
             self._stopped(Interrupted("interrupted", exit_code=EXIT_SIGINT))
         except Interrupted as exc:
@@ -218,12 +234,13 @@ class JobRunner:
             self._failed(f"internal error: {type(exc).__name__}: {exc}", True)
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            for tmp in partial_outputs(self.spec, self.job):
+                tmp.unlink(missing_ok=True)
             self._flush_seq()
             self._log.close()
         return out
 
-    def _run(self, prepared: Prepared, out: Path, tmp: Path) -> None:
+    def _run(self, prepared: Prepared) -> None:
         emit = self.emitter
         hashes = self._prepare(prepared)
         backend = self._backend_factory(self.spec, self.job)
@@ -247,7 +264,7 @@ class JobRunner:
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
-        self._finalize(prepared, out, tmp)
+        self._finalize(prepared)
 
     def _relay(self, partial: dict[str, Any]) -> None:
         """Backend events enter the job's stream here; segment ends are facts."""
@@ -296,7 +313,14 @@ class JobRunner:
         return segment_key(
             hashes[seg.clip], prepared.plans[seg.clip], seg,
             model=spec.model, weights_id=weights_id, scale=spec.scale, codec=spec.codec, crf=spec.crf,
+            overlays=self._overlays(prepared, seg),
         )
+
+    def _overlays(self, prepared: Prepared, seg: Segment) -> tuple[dict[str, Any], ...]:
+        """The clip's overlays that show on some frame of `seg`, in their order."""
+        overlays = self.spec.overlays[seg.clip] if self.spec.overlays else []
+        fps = prepared.plans[seg.clip].fps
+        return tuple(o for o in overlays if touches(o, seg.start, seg.count, fps))
 
     def _weights_id(self) -> str:
         known = self.store.fact(self.job, "weights")
@@ -325,7 +349,8 @@ class JobRunner:
             previous = self.store.fact(self.job, f"attempt:{seg.name}") or 0
             self.store.set_fact(self.job, f"attempt:{seg.name}", previous + 1)
             tasks.append(SegmentTask(self.job, seg, prepared.plans[seg.clip], key, codec=self.spec.codec,
-                                     crf=self.spec.crf, attempt=previous + 1, input_key=input_keys[seg.clip]))
+                                     crf=self.spec.crf, attempt=previous + 1, input_key=input_keys[seg.clip],
+                                     overlays=self._overlays(prepared, seg)))
         return tasks
 
     def _count_finished(self, seg: Segment) -> None:
@@ -334,20 +359,28 @@ class JobRunner:
             self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
                          attempt=attempt, skipped=True)
 
-    def _finalize(self, prepared: Prepared, out: Path, tmp: Path) -> None:
+    def _finalize(self, prepared: Prepared) -> None:
+        """Join the segments into the output, or with --each each clip's into its own file."""
         self.emitter("phase_start", phase="finalize")
         started = time.monotonic()
-        paths = [self.segment_root / self._keys[seg.name] for seg in prepared.segments]
-        concat_and_mux(paths, prepared.plans, tmp)
-        self.store.set_fact(self.job, "output", file_identity(tmp))  # lets resume recognise it after a kill
-        os.replace(tmp, out)
+        outs = output_paths(self.spec)
+        clips = [None] if self.spec.each is None else list(range(len(prepared.plans)))
+        if self.spec.each is not None:
+            Path(self.spec.each).mkdir(exist_ok=True)
+        for out, clip in zip(outs, clips):
+            segments = [s for s in prepared.segments if clip is None or s.clip == clip]
+            plans = prepared.plans if clip is None else [prepared.plans[clip]]
+            tmp = _partial(out, self.job)
+            concat_and_mux([self.segment_root / self._keys[s.name] for s in segments], plans, tmp)
+            self.store.set_fact(self.job, _output_fact(self.spec, out), file_identity(tmp))  # resume knows it
+            os.replace(tmp, out)
         if self.storage is not None:
             ProgressChannel(self.storage, channel_prefix(self.job)).clear()
         self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
-                     bytes=out.stat().st_size)
+                     bytes=sum(out.stat().st_size for out in outs))
         self.store.transition(self.job, JobState.DONE)
         plan_t = self.store.fact(self.job, "plan_t") or time.time()
-        self.emitter("done", output=str(out), elapsed=round(time.time() - plan_t, 3))
+        self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3))
 
     def _stopped(self, exc: Interrupted) -> None:
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
@@ -381,13 +414,30 @@ def owns_output(store: JobStore, job_id: str) -> bool:
     A job killed between its output's rename and being marked done is
     finished but for the bookkeeping; its resume may rewrite that file.
     """
-    out = Path(store.get(job_id).spec.output)
-    return out.is_file() and store.fact(job_id, "output") == file_identity(out)
+    spec = store.get(job_id).spec
+    existing = [out for out in output_paths(spec) if out.exists()]
+    return bool(existing) and all(
+        out.is_file() and store.fact(job_id, _output_fact(spec, out)) == file_identity(out) for out in existing)
 
 
-def partial_output(spec: JobSpec, job_id: str) -> Path:
-    """The temporary name the output is written under before its rename."""
-    out = Path(spec.output)
+def output_paths(spec: JobSpec) -> list[Path]:
+    """The files a job writes: its output, or with --each `DIR/01-<input stem>.mp4`, ... ."""
+    if spec.each is None:
+        return [Path(spec.output)]
+    return [Path(spec.each) / f"{i:02d}-{Path(p).stem}.mp4" for i, p in enumerate(spec.inputs, 1)]
+
+
+def _output_fact(spec: JobSpec, out: Path) -> str:
+    return "output" if spec.each is None else f"output:{out.name}"
+
+
+def partial_outputs(spec: JobSpec, job_id: str) -> list[Path]:
+    """The temporary names of every file the job writes."""
+    return [_partial(out, job_id) for out in output_paths(spec)]
+
+
+def _partial(out: Path, job_id: str) -> Path:
+    """The temporary name `out` is written under before its rename."""
     return out.with_name(f".{out.stem}.{job_id}.partial{out.suffix}")
 
 
@@ -404,7 +454,8 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
         raise JobLookupError(f"job {job_id} is already {record.state.value}")
     _stop_client(store, record, wait_s)
     _cancel_remote(store, record)
-    partial_output(record.spec, job_id).unlink(missing_ok=True)
+    for tmp in partial_outputs(record.spec, job_id):
+        tmp.unlink(missing_ok=True)
     if purge:
         for key in store.facts(job_id, "segkey:").values():
             (segment_root / key).unlink(missing_ok=True)
