@@ -100,6 +100,7 @@ def make_clip(
     tone_start: float = 0.0,
     faststart: bool = False,
     gop: int | None = None,
+    solid: int | None = None,
 ) -> Path:
     """Write a real clip to ``path`` (container from the suffix) and return the path.
 
@@ -112,6 +113,7 @@ def make_clip(
     * ``frame_times``: presentation time of each frame in seconds, for a
       variable-frame-rate clip (millisecond time base); ``frames`` is ignored.
     * ``gop``: keyframe interval (x264 ``keyint``), to make seeking matter.
+    * ``solid``: every frame one flat grey of this value (overrides ``index_blocks``).
     """
     path = Path(path)
     fps = Fraction(fps)
@@ -148,7 +150,10 @@ def make_clip(
         astream.codec_context.bit_rate = 96000
     def video_frames():
         for i in range(count):
-            img = index_image(i, width, height) if index_blocks else _noise_image(i, width, height)
+            if solid is not None:
+                img = np.full((height, width, 3), solid, np.uint8)
+            else:
+                img = index_image(i, width, height) if index_blocks else _noise_image(i, width, height)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts = pts_list[i]
             frame.time_base = stream.codec_context.time_base
