@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/eta_live.py --quick
 	$(PY) bench/transfer.py
 	$(PY) bench/fragments.py
+	$(PY) bench/overlay_cost.py
 
 clean:
 	rm -rf $(VENV) examples/sample-x2.mp4
