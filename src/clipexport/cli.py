@@ -237,6 +237,8 @@ def _examples(*examples: str) -> str:
     "# 4x with the default model, on this machine\nclipexport render clip.mp4 -o clip-x4.mp4",
     "# the first 10 s of each, joined, at 2x\nclipexport render a.mp4 b.mp4 -o out.mp4 --scale 2 --trim 0-10",
     "# how long it would take; nothing runs\nclipexport render clip.mp4 -o out.mp4 --estimate",
+    "# clips, framing and overlays from a spec file, each clip to its own file\n"
+    "clipexport render --spec reel.toml --each clips/",
     "# on Modal GPUs, through an R2 bucket\nclipexport render clip.mp4 -o out.mp4 --backend modal \\\n"
     "    --storage r2://bucket/clipexport",
     "# progress for a script\nclipexport render clip.mp4 -o out.mp4 --json | jq 'select(.type==\"snapshot\")'"))
@@ -791,7 +793,8 @@ def _human(event: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-@app.command(name="spec", cls=_Command, epilog=_examples("clipexport spec --schema > clipexport-spec.schema.json"))
+@app.command(name="spec", cls=_Command, epilog=_examples(
+    "# the JSON Schema of spec files, for an editor\nclipexport spec --schema > clipexport-spec.schema.json"))
 def spec_command(
     schema: Annotated[bool, typer.Option("--schema", help="Print the JSON Schema of spec files.")] = False,
 ) -> None:
