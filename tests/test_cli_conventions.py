@@ -15,7 +15,7 @@ from clipexport.cli import app
 from tests.clips import make_clip
 
 runner = CliRunner()
-COMMANDS = [["render"], ["resume"], ["status"], ["jobs"], ["cancel"], ["logs"], ["eta", "fit"], ["eta", "replay"]]
+COMMANDS = [["render"], ["spec"], ["resume"], ["status"], ["jobs"], ["cancel"], ["logs"], ["eta", "fit"], ["eta", "replay"]]
 
 
 def help_of(*command: str, flag: str = "-h") -> str:
@@ -46,7 +46,7 @@ def test_render_help_is_grouped():
     assert panels == ["Arguments", "Input", "Output", "Model and quality", "Cloud", "Display and scripting"]
     for metavar in ("INPUT...", "FILE", "START-END", "W:H:X:Y", "NAME", "URL", "SECONDS"):
         assert metavar in text, metavar
-    assert "Usage: clipexport render [OPTIONS] INPUT..." in text
+    assert "Usage: clipexport render [OPTIONS] [INPUT...]" in text  # optional: --spec names the clips instead
     assert "Usage: clipexport resume [OPTIONS] JOB" in help_of("resume")
     assert "[JOB]" in help_of("status")
 
