@@ -20,7 +20,8 @@ Metrics, over samples (one per event) with at least 10 s left and after 5 %
 of the job's time: per-trace median absolute percentage error of the
 remaining time, then its median and p90 over traces; share of samples within
 20 %; error of the up-front estimate (at the plan event) against the true
-total; decreases of the shown fraction; upward jumps of the ETA of more than
+total, and how often the 80 % range shown at the plan holds the true
+length; decreases of the shown fraction; upward jumps of the ETA of more than
 20 % from one sample to the next. A missing estimate counts as 100 % error.
 """
 
@@ -257,13 +258,17 @@ def run(train: Path, dev: Path, model_path: Path | None, per_trace: bool = False
 
     t_rep = time.perf_counter()
     ours_rows: dict[str, list] = {}
+    first_range: dict[str, tuple[float, float]] = {}  # the 80 % range shown at the plan
     for line in replay_traces(traces, model):
         ours_rows.setdefault(line["trace"], []).append((line["t"], line["fraction"], line["remaining_s"]))
+        if "remaining_lo_s" in line:
+            first_range.setdefault(line["trace"], (line["remaining_lo_s"], line["remaining_hi_s"]))
     replay_s = time.perf_counter() - t_rep
 
     scores = {name: Score() for name in ("learned", "fixed", "rich", "tqdm", "unseen-gpu")}
     upfront = []
     upfront_unseen = []
+    covered: list[bool] = []
     for path in traces:
         events = list(read_events(path))
         plan = next(e for e in events if e["type"] == "plan")
@@ -271,6 +276,8 @@ def run(train: Path, dev: Path, model_path: Path | None, per_trace: bool = False
         t_end = next(e["t"] for e in events if e["type"] == "done")
         est = estimate_plan(plan, model)["total_s"]
         upfront.append(abs(est - (t_end - t0)) / (t_end - t0))
+        lo, hi = first_range.get(path.name, (math.nan, math.nan))
+        covered.append(lo <= t_end - t0 <= hi)
         n_before = len(scores["learned"].trace_mdape)
         scores["learned"].add_trace(ours_rows[path.name], t0, t_end)
         if per_trace and len(scores["learned"].trace_mdape) == n_before:
@@ -316,7 +323,8 @@ def run(train: Path, dev: Path, model_path: Path | None, per_trace: bool = False
         )
     best = min(_median(s.trace_mdape) for n, s in scores.items() if n in ("fixed", "rich", "tqdm"))
     ours = _median(scores["learned"].trace_mdape)
-    print(f"up-front error: median {_median(upfront):.1%}, p90 {_pct(upfront, 0.9):.1%}")
+    print(f"up-front error: median {_median(upfront):.1%}, p90 {_pct(upfront, 0.9):.1%}; "
+          f"80 % range at the plan covers the truth in {sum(covered) / max(len(covered), 1):.0%} of traces")
     print(f"best baseline median / learned median: {best / ours:.2f}x" if ours > 0 else "learned median is 0")
     return 0
 

@@ -26,7 +26,8 @@ Metrics per job (the rules of `bench/eta_accuracy.py`: samples with 10 s
 left, past 5 % of the job): median absolute error of the remaining time,
 share within 20 %, upward jumps > 20 %; up-front: the plan-time estimate
 (`estimate_plan`) and the first estimate after the model loaded (with the
-speed probe) against the true total. The machine is shared: the numbers
+speed probe) against the true total, and whether the 80 % range shown then
+held the truth. The machine is shared: the numbers
 move between runs, which is the point (the baselines run on the very same
 events, so their ratio to ours is what to read).
 """
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -176,12 +178,15 @@ def score(job: Job, model: TimingModel) -> dict[str, object]:
         result[name] = (s.trace_mdape[0] if s.trace_mdape else float("nan"), s.within / max(s.samples, 1),
                         s.jumps[0], s.decreases)
     result["upfront_plan"] = (estimate_plan(plan, model)["total_s"] - total) / total
+    first = next(iter(replay_events(job.events[:1], model, job.name)))
+    result["range_plan"] = first.get("remaining_lo_s", math.inf) <= total <= first.get("remaining_hi_s", -math.inf)
     loaded = next((i for i, e in enumerate(job.events) if e["type"] == "phase_end" and e.get("phase") == "load_model"),
                   None)
     if loaded is not None:
         line = list(replay_events(job.events[: loaded + 1], model, job.name))[-1]
         left = t_end - job.shift(line["t"])
         result["upfront_probe"] = (line["remaining_s"] - left) / left if line["remaining_s"] is not None else None
+        result["range_probe"] = line.get("remaining_lo_s", math.inf) <= left <= line.get("remaining_hi_s", -math.inf)
     return result
 
 
@@ -252,7 +257,9 @@ def _report(jobs: list[Job]) -> int:
             up = ""
             if est == "clipexport":
                 probe = res.get("upfront_probe")
-                up = f"{res['upfront_plan']:+.0%} / " + ("n/a" if probe is None else f"{probe:+.0%}")
+                inside = {True: " (in range)", False: " (out of range)"}
+                up = (f"{res['upfront_plan']:+.0%}{inside[res['range_plan']]} / "  # type: ignore[index]
+                      + ("n/a" if probe is None else f"{probe:+.0%}{inside[res['range_probe']]}"))  # type: ignore[index]
             print(f"{job.name:<10} {res['total_s']:>6.1f} {est:<10} {mdape:>7.1%} {within:>8.0%} {jumps:>5d} "
                   f"{decr:>4d}  {up}", flush=True)
     print("-" * len(header))
