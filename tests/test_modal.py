@@ -165,7 +165,8 @@ def test_whole_flow(tmp_path):
     svc = FakeModal(tmp_path / "fake")
     client = svc.client()
     rec = Recorder(job.id)
-    backend(job, client).run(job.tasks, rec, threading.Event())
+    b = backend(job, client)
+    b.run(job.tasks, rec, threading.Event())
 
     check_outputs(job, tmp_path)
     parts = [t.segment.name for t in job.tasks]
@@ -191,6 +192,11 @@ def test_whole_flow(tmp_path):
     for e in rec.of("phase_end", "encode"):
         info = job.storage.stat(e["key"])
         assert info is not None and info.size == e["bytes"]
+    # the bill: each container from its start to its last segment, plus its idle tail
+    bill = b.bill()
+    used = {c.name for c in svc.containers} & {e["container"] for e in rec.of("phase_start", "upscale")}
+    assert bill["containers"] == len(used) == 2 and bill["idle_s"] == 2 * 120
+    assert bill["gpu"] == "L4" and 0 < bill["gpu_s"] - bill["idle_s"] < 60
 
 
 def test_whole_flow_on_a_real_s3_server(tmp_path, seaweed, monkeypatch):  # noqa: F811

@@ -323,10 +323,11 @@ def render(
 
         if reel is not None:
             _check_reel_media(reel, spec)
-        _preflight(spec)
+        if not estimate:  # an estimate needs no token and no network
+            _preflight(spec)
         prepared = prepare_job(spec, force=force or estimate)  # an estimate writes nothing
         if estimate:
-            _print_estimate(prepared, spec, as_json=json_out)
+            _print_estimate(prepared, spec, settings.prices, as_json=json_out)
             return
         store = _store()
         record = store.create(spec)
@@ -431,8 +432,11 @@ def _preflight(spec: JobSpec) -> None:
         preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
 
 
-def _print_estimate(prepared: Any, spec: JobSpec, *, as_json: bool = False) -> None:
-    """What `render` would take: the same plan, device and model (a probe kept from an earlier job included)."""
+def _print_estimate(prepared: Any, spec: JobSpec, prices: dict[str, float] | None = None, *,
+                    as_json: bool = False) -> None:
+    """What `render` would take: the same plan, device and model (a probe kept from an earlier job included);
+    on Modal also the predicted container time and its cost."""
+    from clipexport import cost
     from clipexport.orchestrator import build_plan
     from clipexport.progress import estimate_plan, load_model
     from clipexport.progress.text import clock
@@ -440,7 +444,11 @@ def _print_estimate(prepared: Any, spec: JobSpec, *, as_json: bool = False) -> N
     total_bytes = sum(i.size_bytes for i in prepared.infos)
     plan = build_plan(prepared, input_bytes=total_bytes, backend=spec.backend, device=_device_name(spec))
     plan.update(v=events.VERSION, job="estimate", seq=0, t=time.time())
-    estimate = estimate_plan(plan, load_model())
+    timing = load_model()
+    estimate = estimate_plan(plan, timing)
+    if spec.backend == "modal":
+        predicted = cost.estimate(plan["features"], timing, cost.rate(spec.gpu, prices), cost.scaledown_s())
+        estimate["cost"] = predicted.to_json()
     if as_json:
         print(json.dumps({**estimate, "features": plan["features"]}))
         return
@@ -449,6 +457,8 @@ def _print_estimate(prepared: Any, spec: JobSpec, *, as_json: bool = False) -> N
     print(f"{'total':<12} {clock(estimate['total_s'])}")
     if "total_lo_s" in estimate:
         print(f"{'80 % range':<12} {clock(estimate['total_lo_s'])} to {clock(estimate['total_hi_s'])}")
+    for line in cost.lines(estimate["cost"], billed_=False) if "cost" in estimate else []:
+        print(line)
 
 
 def _device_name(spec: JobSpec) -> str:

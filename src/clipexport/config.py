@@ -63,6 +63,7 @@ class Settings:
     parallel: int = 3
     gpu: str | None = None  # modal: None keeps the deployment's GPU fallback list
     device: str = "auto"
+    prices: dict[str, float] | None = None  # config file only: USD per hour by GPU type (clipexport/cost.py)
 
 
 _ENV = {

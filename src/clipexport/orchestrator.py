@@ -197,6 +197,7 @@ class JobRunner:
         self.storage = storage
         self._downloads: SegmentDownloader | None = None
         self._keys: dict[str, str] = {}
+        self._billed: dict[str, Any] | None = None  # what a cloud backend billed in this run
         self.job = record.id
         self.spec = record.spec
         self.segment_root = segment_root
@@ -259,6 +260,8 @@ class JobRunner:
         emit("phase_start", phase="encode", unit="frames", total=frames)
         started = time.monotonic()
         backend.run(tasks, self._relay, self.stop)
+        bill = getattr(backend, "bill", None)  # a cloud backend's bill goes into `done`
+        self._billed = bill() if bill is not None else None
         if self._downloads is not None:
             self._downloads.finish()
         elapsed = round(time.monotonic() - started, 3)
@@ -380,7 +383,9 @@ class JobRunner:
                      bytes=sum(out.stat().st_size for out in outs))
         self.store.transition(self.job, JobState.DONE)
         plan_t = self.store.fact(self.job, "plan_t") or time.time()
-        self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3))
+        billed = self._billed
+        extra = {"cost_usd": billed["usd"], "gpu_s": billed["gpu_s"], "billed": billed} if billed else {}
+        self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3), **extra)
 
     def _stopped(self, exc: Interrupted) -> None:
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)

@@ -27,6 +27,7 @@ The channel snapshot of a segment (one object per part)::
 
     {"part": "seg-0002", "attempt": 1, "state": "running",   # running | stored | failed
      "call": "fc-01H...",                                    # the Modal call running it
+     "container_started": 1764000000.0, "t": 1764000042.5,   # Unix times: container start, this snapshot
      "container": "ta-01H...", "gpu": "NVIDIA L4",           # where it runs
      "cold": true, "load_s": 4.2,                            # the first input after the model load
      "key": "segments/....mp4", "skipped": false,
@@ -119,12 +120,14 @@ class Container:
     cold: bool = False
     load_s: float | None = None
     gpu: str | None = None  # the device's name, e.g. "NVIDIA L4"
+    started_at: float | None = None  # Unix time the container started (billing starts there)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def loaded(cls, load_s: float, id: str | None = None, gpu: str | None = None) -> Container:
         """A container whose model just loaded in `load_s` seconds."""
-        return cls(id=id or container_id(), cold=True, load_s=round(load_s, 3), gpu=gpu)
+        return cls(id=id or container_id(), cold=True, load_s=round(load_s, 3), gpu=gpu,
+                   started_at=round(time.time() - load_s, 3))
 
     def take_cold(self) -> tuple[bool, float | None]:
         """(cold, load_s) for the next input; only the first one is cold."""
@@ -307,6 +310,7 @@ class _SegmentRun:
             "attempt": self.attempt,
             "state": "running",
             "call": call_id,
+            "container_started": container.started_at,
             "container": container.id,
             "gpu": container.gpu,
             "cold": cold,
@@ -400,6 +404,7 @@ class _SegmentRun:
         self._publish(force=kind in ("phase_start", "phase_end"))
 
     def _publish(self, *, force: bool) -> None:
+        self.snapshot["t"] = round(time.time(), 3)  # when the container last worked (billing ends a tail later)
         snapshot = json.loads(json.dumps(self.snapshot))  # a copy: a held snapshot must not change
         if force:
             self.channel.publish(self.part, snapshot, force=True)

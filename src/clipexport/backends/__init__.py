@@ -29,7 +29,10 @@ def create_backend(
     if spec.backend == "modal":
         from clipexport.backends.modal import ModalBackend, preflight
 
+        from clipexport.config import load_settings
+
         client = preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
         return ModalBackend(client, storage, store=store, job_id=job_id, model=spec.model,  # type: ignore[arg-type]
-                            scale=spec.scale, parallel=spec.parallel, gpu=spec.gpu, endpoint_url=spec.endpoint_url)
+                            scale=spec.scale, parallel=spec.parallel, gpu=spec.gpu, endpoint_url=spec.endpoint_url,
+                            prices=load_settings().prices)
     raise UsageError(f"unknown backend {spec.backend!r}: use local or modal")

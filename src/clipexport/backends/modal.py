@@ -57,6 +57,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from clipexport import cost
 from clipexport.backends.base import EmitFn
 from clipexport.backends.offloop import Asker, Backoff
 from clipexport.errors import BackendError, ClipexportError, Interrupted, UsageError
@@ -436,6 +437,7 @@ class ModalBackend:
         max_respawns: int = MAX_RESPAWNS,
         busy_cap_s: float = BUSY_CAP_S,
         net_deadline_s: float = NET_DEADLINE_S,
+        prices: dict[str, float] | None = None,
     ) -> None:
         if parallel < 1:
             raise UsageError(f"--parallel must be at least 1, not {parallel}")
@@ -447,6 +449,9 @@ class ModalBackend:
         self.endpoint_url = endpoint_url or getattr(settings, "endpoint_url", None)
         self._clock, self.poll_s, self.check_s, self.max_respawns = clock, poll_s, check_s, max_respawns
         self.busy_cap_s, self.net_deadline_s = busy_cap_s, net_deadline_s
+        self.prices = prices
+        self.spans: dict[str, tuple[float, float]] = {}  # container -> (started, last worked), Unix times
+        self._device: str | None = None  # the GPU a container reported
         self._warmups: list[str] = []
         self._warm_known = False
 
@@ -477,6 +482,22 @@ class ModalBackend:
     def cancel(self) -> int:
         """Cancel every call this job recorded."""
         return cancel_calls(self.client, self.store, self.job)
+
+    def bill(self) -> dict[str, Any] | None:
+        """What the containers seen in this run cost (`cost.Cost.to_json`), None if none was seen."""
+        if not self.spans:
+            return None
+        rate = cost.rate(self.gpu or cost.gpu_type(self._device), self.prices)
+        return cost.billed(self.spans, rate, cost.scaledown_s()).to_json()
+
+    def _saw(self, snap: dict[str, Any]) -> None:
+        """A container's start and its latest work, from a snapshot (what Modal bills, less the idle tail)."""
+        started, t, ctr = snap.get("container_started"), snap.get("t"), snap.get("container")
+        if not (isinstance(started, (int, float)) and isinstance(t, (int, float)) and isinstance(ctr, str)):
+            return
+        old = self.spans.get(ctr, (started, t))
+        self.spans[ctr] = (min(old[0], started), max(old[1], t))
+        self._device = self._device or snap.get("gpu")
 
 
 @dataclass
@@ -808,6 +829,7 @@ class _Run:
     def _on_snapshot(self, name: str, snap: dict[str, Any]) -> None:
         if self._stranger(snap):
             return
+        self.b._saw(snap)
         call = self.call_of.get(name)
         caller = snap.get("call")
         if call is not None and caller and caller != call.id:

@@ -221,6 +221,8 @@ def summary_parts(snap: Snapshot) -> list[str]:
         if info.duration_s:
             speed += f" ({info.duration_s / elapsed:.2g}x real time)"
         parts.append(speed)
+    if info.gpu_s is not None:
+        parts.append(f"{clock(info.gpu_s)} GPU time billed")
     if info.cost_usd is not None:
         parts.append(f"${info.cost_usd:.2f}" if info.cost_usd >= 0.1 else f"${info.cost_usd:.3f}")
     return parts

@@ -73,6 +73,7 @@ class JobInfo:
     segments: int | None = None
     output_bytes: float | None = None  # once finalized
     cost_usd: float | None = None  # when the terminal event carries it (cloud)
+    gpu_s: float | None = None  # container time billed, start to scale-down (cloud)
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,7 @@ def job_info(st: JobState) -> JobInfo:
         segments=_int(f.get("segments")),
         output_bytes=finalize.whole.out_bytes if finalize is not None else None,
         cost_usd=_num((st.terminal_event or {}).get("cost_usd")),
+        gpu_s=_num((st.terminal_event or {}).get("gpu_s")),
     )
 
 
