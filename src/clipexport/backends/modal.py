@@ -39,6 +39,10 @@ What `get` can say (docs/modal.md has the source lines):
 - `ModalUnreachable`: only modal's own `ConnectionError`; the run stops
   resumably at once.
 
+A failed spawn stops the run (resumably unless Modal refused it): the call
+may exist all the same, and is then a *stranger*: a snapshot naming a call
+this job never recorded is how the next run finds it, and cancels it.
+
 There is one retry layer, this one: `modal_app.py` sets no `retries=`.
 """
 
