@@ -81,9 +81,11 @@ def test_bill_from_container_spans():
 
 def test_the_summary_shows_gpu_time_billed_and_cost():
     from clipexport.progress.text import summary_parts
-    from clipexport.progress.tracker import JobInfo
+    from clipexport.progress.tracker import JobInfo, Snapshot
 
-    parts = summary_parts(JobInfo(gpu_s=400.0, cost_usd=0.0889), elapsed=100.0)
+    snap = Snapshot(job="cx-1", state="done", fraction=1.0, elapsed=100.0, remaining_s=0.0, eta_text="", phases=(),
+                    info=JobInfo(gpu_s=400.0, cost_usd=0.0889))
+    parts = summary_parts(snap)
     assert parts[-2:] == ["0:06:40 GPU time billed", "$0.089"]
 
 
