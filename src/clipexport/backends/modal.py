@@ -666,7 +666,7 @@ class _Run:
         spawning = self.spawning.pop(key)
         call = _Call(call_id, spawning.tasks, spawning.attempt, spawning.lane, spawning.asked)
         self._attach(call)
-        self._open_queue(spawning.lane)
+        self._open_queue(spawning.lane, waited=self.now - spawning.asked)  # the wait began with the asking
         for task in spawning.tasks:
             snap = self.deferred.pop(task.segment.name, None)
             if snap is not None:
