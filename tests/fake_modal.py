@@ -504,6 +504,6 @@ def make_job(tmp_path: Path, *, frames: int = 30, segment_frames: int = 10, para
     tasks = []
     for seg in segments:
         key = segment_key(sha, plans[seg.clip], seg, model=MODEL, weights_id="builtin", scale=SCALE,
-                          codec="h264", crf=None)
+                          codec="h264", crf=None, precision="fp16")
         tasks.append(SegmentTask(record.id, seg, plans[seg.clip], key, input_key=input_key))
     return Job(store, record.id, tasks, storage, clip)

@@ -27,7 +27,7 @@ X4PLUS = "realesrgan-x4plus"
 def anime() -> Upscaler:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CLIPEXPORT_WEIGHTS_SOURCE", "offline")
-        return load_upscaler(ANIME, device="cpu", tile=0)
+        return load_upscaler(ANIME, device="cpu", tile=0, precision="fp32")  # the reference's arithmetic
 
 
 def frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_upscaler_attributes(anime):
 @pytest.mark.parametrize("scale", [4, 2])
 def test_animevideov3_shapes_and_reference_arithmetic(anime, scale):
     batch = frames(3, 36, 64)
-    up = anime if scale == 4 else load_upscaler(ANIME, scale=2, device="cpu")
+    up = anime if scale == 4 else load_upscaler(ANIME, scale=2, device="cpu", precision="fp32")
     out = up.upscale(batch)
     assert out.shape == (3, 36 * scale, 64 * scale, 3) and out.dtype == np.uint8
     ref = reference(anime.net, batch)
@@ -89,7 +89,7 @@ def test_animevideov3_shapes_and_reference_arithmetic(anime, scale):
 
 @pytest.mark.parametrize("scale", [4, 2])
 def test_x4plus_tiny_frame(scale):
-    up = load_upscaler(X4PLUS, scale=scale, device="cpu", tile=0)
+    up = load_upscaler(X4PLUS, scale=scale, device="cpu", precision="fp32", tile=0)
     batch = frames(1, 18, 32, seed=1)
     out = up.upscale(batch)
     assert out.shape == (1, 18 * scale, 32 * scale, 3) and out.dtype == np.uint8
@@ -102,7 +102,7 @@ def test_x2plus_pads_odd_sizes_like_the_reference(tmp_path):
     net = archs.build("rrdb", MODELS["realesrgan-x2plus"].arch_kwargs)
     path = tmp_path / "x2.safetensors"
     save_file({k: (v * 0.1).contiguous() for k, v in net.state_dict().items()}, str(path))
-    up = load_upscaler("realesrgan-x2plus", weights=path, device="cpu", tile=0)
+    up = load_upscaler("realesrgan-x2plus", weights=path, device="cpu", precision="fp32", tile=0)
     assert up.scale == 2 and up.multiple == 2
     batch = frames(2, 9, 15, seed=2)
     out = up.upscale(batch)
@@ -134,15 +134,15 @@ def test_non_contiguous_input_is_accepted(anime):
 
 
 def test_tiles_cover_the_receptive_field_of_the_compact_net(anime):
-    tiled = load_upscaler(ANIME, device="cpu", tile=16)
+    tiled = load_upscaler(ANIME, device="cpu", precision="fp32", tile=16)
     assert tiled.tile == 16 and tiled.tile_pad >= 18
     batch = frames(2, 36, 52, seed=5)
     assert_close(tiled.upscale(batch), anime.upscale(batch))
 
 
 def test_x4plus_tiled_close_to_untiled():
-    whole = load_upscaler(X4PLUS, device="cpu", tile=0)
-    tiled = load_upscaler(X4PLUS, device="cpu", tile=16)
+    whole = load_upscaler(X4PLUS, device="cpu", precision="fp32", tile=0)
+    tiled = load_upscaler(X4PLUS, device="cpu", precision="fp32", tile=16)
     y, x = np.mgrid[0:32, 0:48].astype(np.float32)
     img = np.stack([0.5 + 0.3 * np.sin(x / 23 + y / 31), 0.5 + 0.3 * np.cos(x / 19 - y / 29), (x + y) / 80], -1)
     batch = (img * 255).round().astype(np.uint8)[None]
@@ -160,7 +160,7 @@ def test_tile_from_environment(monkeypatch):
 
 
 def test_automatic_tiling_when_the_budget_is_small(anime):
-    auto = load_upscaler(ANIME, device="cpu")
+    auto = load_upscaler(ANIME, device="cpu", precision="fp32")
     assert auto.tile is None
     batch = frames(2, 40, 40, seed=6)
     auto._max_pixels = 30 * 30  # as if memory were short: forces batch chunks and tiles
@@ -177,15 +177,14 @@ def test_devices():
         assert load_upscaler(ANIME, device="auto").device == "cpu"
 
 
-def test_cpu_bfloat16_is_opt_in_and_close(anime, monkeypatch):
-    monkeypatch.setenv("CLIPEXPORT_CPU_DTYPE", "bfloat16")
-    bf16 = load_upscaler(ANIME, device="cpu", tile=0)
-    assert bf16.dtype == torch.bfloat16 and anime.dtype == torch.float32
+def test_cpu_bfloat16_is_close_and_keeps_net_in_float32(anime):
+    bf16 = load_upscaler(ANIME, device="cpu", tile=0, precision="bf16")
+    assert (bf16.precision, bf16.dtype, anime.dtype) == ("bf16", torch.bfloat16, torch.float32)
+    assert all(p.dtype == torch.float32 for p in bf16.net.parameters())  # the weights as loaded
     batch = frames(2, 24, 32, seed=10)
     assert_close(bf16.upscale(batch), anime.upscale(batch), levels=8)
-    monkeypatch.setenv("CLIPEXPORT_CPU_DTYPE", "float16")
-    with pytest.raises(UsageError, match="CLIPEXPORT_CPU_DTYPE"):
-        load_upscaler(ANIME, device="cpu")
+    with pytest.raises(UsageError, match="fp16 does not run on the CPU"):
+        load_upscaler(ANIME, device="cpu", precision="fp16")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -278,6 +278,9 @@ def render(
                                                          "architecture, instead of the official weights.")] = None,
     device: Annotated[Optional[str], typer.Option(metavar="auto|cpu|cuda", rich_help_panel=MODEL,
                                                   help="Where the local backend upscales.")] = None,
+    precision: Annotated[Optional[str], typer.Option(
+        metavar="auto|fp32|bf16|fp16", rich_help_panel=MODEL,
+        help="auto (default): fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX, else fp32.")] = None,
     segment_frames: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=MODEL,
                                                           help="Frames per segment, the unit of work and resume.")] = None,
     backend: Annotated[Optional[str], typer.Option(metavar="local|modal", rich_help_panel=CLOUD,
@@ -311,7 +314,8 @@ def render(
     with _errors_to_exit():
         flags = {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
                  "device": device, "backend": backend, "storage": storage, "endpoint_url": endpoint_url,
-                 "parallel": parallel, "gpu": gpu, "weights": weights, "output": output, "each": each}
+                 "parallel": parallel, "gpu": gpu, "weights": weights, "output": output, "each": each,
+                 "precision": precision}
         reel = None if spec_file is None else _load_reel(spec_file, inputs, trim, crop)
         if reel is not None:
             inputs, trim, crop, flags = _from_reel(reel, flags)
@@ -398,6 +402,9 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         raise UsageError("--parallel must be at least 1")
     if settings.backend not in ("local", "modal"):
         raise UsageError(f"unknown backend {settings.backend!r}: use local or modal")
+    from clipexport.upscale.precision import normalise
+
+    precision = normalise(settings.precision)
     from clipexport.upscale.registry import MODELS
 
     native = MODELS[settings.model].native_scale if settings.model in MODELS else 4
@@ -421,6 +428,7 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         device=settings.device,
         overlays=overlays or [],
         each=None if each is None else str(each.absolute()),
+        precision=precision,
     )
 
 
@@ -452,6 +460,7 @@ def _print_estimate(prepared: Any, spec: JobSpec, prices: dict[str, float] | Non
     if as_json:
         print(json.dumps({**estimate, "features": plan["features"]}))
         return
+    print(f"{'precision':<12} {prepared.precision}")
     for phase, seconds in estimate["phases"].items():
         print(f"{phase:<12} {clock(seconds)}")
     print(f"{'total':<12} {clock(estimate['total_s'])}")
@@ -519,6 +528,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     if mode != "json":
         from clipexport.orchestrator import output_paths
 
+        _note(f"job {record.id} done: {_device_name(spec)}, {prepared.precision}")
         for path in output_paths(spec):
             print(path, flush=True)
     _refit_timing_model(store)

@@ -64,6 +64,7 @@ class Settings:
     gpu: str | None = None  # modal: None keeps the deployment's GPU fallback list
     device: str = "auto"
     prices: dict[str, float] | None = None  # config file only: USD per hour by GPU type (clipexport/cost.py)
+    precision: str = "auto"  # auto, fp32, bf16, fp16: see clipexport.upscale.precision
 
 
 _ENV = {
@@ -76,14 +77,19 @@ _ENV = {
     "parallel": "CLIPEXPORT_PARALLEL",
     "gpu": "CLIPEXPORT_GPU",
     "device": "CLIPEXPORT_DEVICE",
+    "precision": "CLIPEXPORT_PRECISION",
 }
+# Older names still read when the new one is not set.
+_ENV_ALIASES = {"precision": "CLIPEXPORT_CPU_DTYPE"}
 
 
 def load_settings(flags: dict[str, Any] | None = None) -> Settings:
     """Merge the layers; `flags` holds only the flags the user gave (not None)."""
     settings = Settings()
     settings = _apply(settings, _read_file(config_path()), "config file")
-    settings = _apply(settings, {k: os.environ[v] for k, v in _ENV.items() if v in os.environ}, "environment")
+    env = {k: os.environ[v] for k, v in _ENV_ALIASES.items() if v in os.environ}
+    env.update({k: os.environ[v] for k, v in _ENV.items() if v in os.environ})
+    settings = _apply(settings, env, "environment")
     return _apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "flag")
 
 

@@ -66,6 +66,7 @@ class JobSpec:
     device: str = "auto"
     overlays: list[list[dict[str, Any]]] = field(default_factory=list)  # per input; see clipexport.overlay
     each: str | None = None  # a directory: each input to its own file there (`output` is that directory)
+    precision: str = "auto"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from clipexport.errors import (
     JobLookupError,
     ModelError,
     OutputError,
+    UsageError,
     EXIT_SIGINT,
 )
 from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
@@ -55,6 +56,7 @@ class Prepared:
     infos: list[ClipInfo]
     plans: list[ClipPlan]
     segments: list[Segment]
+    precision: str  # the one that runs (never "auto"): in the plan and in segment keys
 
 
 def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
@@ -66,7 +68,22 @@ def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
     crops = spec.crops or [None] * len(infos)
     plans = plan_clips(infos, [_trim(t) for t in trims], [_crop(c) for c in crops])
     segments = plan_segments([p.frames for p in plans], spec.segment_frames)
-    return Prepared(spec, infos, plans, segments)
+    return Prepared(spec, infos, plans, segments, resolve_precision(spec))
+
+
+def resolve_precision(spec: JobSpec) -> str:
+    """The precision the upscaling will run in: the GPU's for modal, else this machine's."""
+    from clipexport.upscale.precision import normalise, resolve
+
+    if spec.backend != "local":
+        if normalise(spec.precision) not in ("auto", "fp16"):
+            raise UsageError(f"--precision {spec.precision}: the {spec.backend} backend runs fp16 (use auto or fp16)")
+        return "fp16"
+    if spec.device.strip().lower() == "cpu":  # no torch import needed
+        return resolve(spec.precision, "cpu")
+    from clipexport.upscale.engine import resolve_device
+
+    return resolve(spec.precision, resolve_device(spec.device).type)
 
 
 def _check_model(spec: JobSpec) -> None:
@@ -157,6 +174,7 @@ def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: st
     features = {
         "backend": backend,
         "gpu": device,
+        "precision": prepared.precision,
         "model": spec.model,
         "scale": spec.scale,
         "in_width": width,
@@ -244,7 +262,7 @@ class JobRunner:
     def _run(self, prepared: Prepared) -> None:
         emit = self.emitter
         hashes = self._prepare(prepared)
-        backend = self._backend_factory(self.spec, self.job)
+        backend = self._backend_factory(replace(self.spec, precision=prepared.precision), self.job)
         warm_up = getattr(backend, "warm_up", None)
         if warm_up is not None:  # a cold start overlaps the upload instead of following it
             warm_up(min(self.spec.parallel, len(prepared.segments)))
@@ -316,6 +334,7 @@ class JobRunner:
         return segment_key(
             hashes[seg.clip], prepared.plans[seg.clip], seg,
             model=spec.model, weights_id=weights_id, scale=spec.scale, codec=spec.codec, crf=spec.crf,
+            precision=prepared.precision,
             overlays=self._overlays(prepared, seg),
         )
 

@@ -68,6 +68,7 @@ def segment_key(
     scale: int,
     codec: str,
     crf: int | None,
+    precision: str,
     overlays: Sequence[dict[str, Any]] = (),
 ) -> str:
     """The storage key of a segment's output: a hash of all that shapes it.
@@ -88,6 +89,7 @@ def segment_key(
         "scale": scale,
         "codec": codec,
         "crf": crf,
+        "precision": precision,
     }
     if overlays:  # absent otherwise: keys of segments without overlays stay as they were
         shape["overlays"] = [{k: v for k, v in o.items() if k not in ("png", "path")} for o in overlays]

@@ -23,7 +23,8 @@ def create_backend(
         weights = None if spec.weights is None else Path(spec.weights)
 
         def loader(on_bytes):  # type: ignore[no-untyped-def]
-            return load_upscaler(spec.model, scale=spec.scale, weights=weights, device=spec.device, progress=on_bytes)
+            return load_upscaler(spec.model, scale=spec.scale, weights=weights, device=spec.device, progress=on_bytes,
+                                 precision=spec.precision)
 
         return LocalBackend(loader, segment_root, storage)
     if spec.backend == "modal":

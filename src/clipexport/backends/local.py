@@ -107,9 +107,11 @@ class LocalBackend:
             raise
         if "error" in result:
             raise result["error"]
-        emit({"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3),
-              "probe": result["probe"]})
         self._upscaler = result["upscaler"]
+        end = {"type": "phase_end", "phase": "load_model", "elapsed": round(time.monotonic() - started, 3),
+               "probe": result["probe"]}
+        precision = getattr(self._upscaler, "precision", None)  # the one the loaded model runs in
+        emit({**end, "precision": precision} if precision else end)
         return self._upscaler
 
 

@@ -6,10 +6,10 @@ permuted NHWC tensor already has those strides, so no copy), and come back
 quantised to uint8 on the device: ``clamp(0, 1) * 255``, rounded, in float32,
 as the reference tool does on the host.
 
-* Precision: float16 on CUDA (with ``cudnn.benchmark``); float32 on CPU, or
-  bfloat16 with ``CLIPEXPORT_CPU_DTYPE=bfloat16`` (opt-in: several times
-  faster on CPUs with AMX/AVX512-BF16, within about 2 levels of 255 of
-  float32 for the compact nets, more for RRDB).
+* Precision: see :mod:`clipexport.upscale.precision` (``auto``: float16 on
+  CUDA, with ``cudnn.benchmark``; bfloat16 on CPUs with AVX512-BF16 or AMX;
+  float32 elsewhere). ``Upscaler.net`` stays the float32 network as loaded;
+  the engine runs a copy in the chosen precision.
 
 * Batches: a call runs all its frames in one forward pass when they fit the
   memory budget, else in chunks, else tile by tile.
@@ -34,6 +34,7 @@ This module imports no video library.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import queue
@@ -47,16 +48,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from clipexport.errors import ModelError, UsageError
+from clipexport.upscale import precision as _precision
 from clipexport.upscale.archs import SRVGGNetCompact, build, input_multiple
 from clipexport.upscale.registry import ModelSpec, get_spec
 from clipexport.upscale.weights import load_weights
 
-__all__ = ["Upscaler", "load_upscaler", "usable_cpus"]
+__all__ = ["Upscaler", "load_upscaler", "resolve_device", "usable_cpus"]
 
 ENV_TILE = "CLIPEXPORT_TILE"
-ENV_CPU_DTYPE = "CLIPEXPORT_CPU_DTYPE"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEMORY_FRACTION = 0.5  # of free memory one forward pass may use
 _CL = torch.channels_last
 
@@ -87,14 +87,6 @@ def _configure_cpu_threads() -> None:
     n = usable_cpus()
     if torch.get_num_threads() > n:
         torch.set_num_threads(n)
-
-
-def _cpu_dtype() -> torch.dtype:
-    value = os.environ.get(ENV_CPU_DTYPE, "").strip().lower() or "float32"
-    dtype = _DTYPES.get(value)
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise UsageError(f"{ENV_CPU_DTYPE}={value!r}: use float32 or bfloat16")
-    return dtype
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -142,7 +134,7 @@ class Upscaler:
         tile: int | None = None,
         tile_pad: int | None = None,
         weights: str = "",
-        dtype: torch.dtype | None = None,
+        precision: str = "auto",
     ) -> None:
         self.spec = spec
         self.model: str = spec.name
@@ -150,18 +142,17 @@ class Upscaler:
         self.scale: int = scale
         self._device = torch.device(device)
         self.device: str = str(self._device)
-        cuda = self._device.type == "cuda"
-        if dtype is None:
-            dtype = torch.float16 if cuda else _cpu_dtype()
-        if dtype not in ((torch.float16, torch.bfloat16, torch.float32) if cuda else (torch.float32, torch.bfloat16)):
-            raise UsageError(f"dtype {dtype} is not supported on {self._device}")
-        self.dtype: torch.dtype = dtype
+        self.precision: str = _precision.resolve(precision, self._device.type)
+        self.dtype: torch.dtype = DTYPES[self.precision]
         self.weights: str = weights
-        if cuda:
+        if self._device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         else:
             _configure_cpu_threads()
-        self.net = net.to(device=self._device, dtype=self.dtype, memory_format=_CL).eval().requires_grad_(False)
+        self.net = net.to(device=self._device, dtype=torch.float32).eval().requires_grad_(False)
+        # What runs: `net` itself in fp32, else a copy, so `net` keeps the float32 weights.
+        run = self.net if self.dtype == torch.float32 else copy.deepcopy(self.net).to(dtype=self.dtype)
+        self._net = run.to(memory_format=_CL)
         self.multiple = input_multiple(net)
         if tile is None and os.environ.get(ENV_TILE, "").strip():
             try:
@@ -181,7 +172,7 @@ class Upscaler:
         self._max_pixels = self._pixel_budget()
 
     def __repr__(self) -> str:
-        return f"Upscaler(model={self.model!r}, scale={self.scale}, device={self.device!r}, dtype={self.dtype})"
+        return f"Upscaler(model={self.model!r}, scale={self.scale}, device={self.device!r}, precision={self.precision!r})"
 
     def _pixel_budget(self) -> int | None:
         """Input pixels one forward pass may take (None: no limit known)."""
@@ -223,7 +214,7 @@ class Upscaler:
             return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=_CL))
+        return self._net(x.contiguous(memory_format=_CL))
 
     def _tile_side(self, h: int, w: int) -> int | None:
         if self.tile is not None:
@@ -389,7 +380,7 @@ def _read(frames: Iterable[np.ndarray], q: queue.Queue, stop: threading.Event) -
 # --- construction ---------------------------------------------------------------------
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
     name = str(device).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -412,6 +403,7 @@ def load_upscaler(
     device: str = "auto",
     progress: Callable[[int, int | None], None] | None = None,
     tile: int | None = None,
+    precision: str = "auto",
 ) -> Upscaler:
     """Load ``model``'s weights (see :mod:`clipexport.upscale.weights`) onto a device.
 
@@ -419,6 +411,7 @@ def load_upscaler(
     resizes the model's output; anything else raises ModelError.
     ``progress(done_bytes, total_bytes)`` reports a weights download.
     ``tile``: input tile side in pixels, 0 never tiles, None chooses.
+    ``precision``: auto, fp32, bf16 or fp16 (see :mod:`clipexport.upscale.precision`).
     """
     spec = get_spec(model)
     if scale is None:
@@ -426,8 +419,8 @@ def load_upscaler(
     if isinstance(scale, bool) or not isinstance(scale, int) or scale not in spec.scales:
         allowed = ", ".join(str(s) for s in spec.scales)
         raise ModelError(f"model {spec.name} supports scales {allowed}, not {scale}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     with torch.device("meta"):
         net = build(spec.arch, spec.arch_kwargs)  # no random init; weights are assigned
     origin = load_weights(spec, net, weights=weights, progress=progress)
-    return Upscaler(net, spec=spec, scale=scale, device=dev, tile=tile, weights=origin)
+    return Upscaler(net, spec=spec, scale=scale, device=dev, tile=tile, weights=origin, precision=precision)
