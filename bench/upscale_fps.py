@@ -142,9 +142,11 @@ def stream_engine(up, batch: int) -> Callable[[list[np.ndarray]], list[np.ndarra
 
 def render(clip: Path, out: Path, model: str, threads: int) -> dict:
     """`clipexport render` in a subprocess at its defaults; its done/upscale times and output."""
-    # Its own job store and no user config; the user's weights cache, so nothing is converted again.
+    # A fresh job and segment store each time (else the segments are reused) and no user
+    # config; the user's weights cache, so nothing is converted again.
+    home = tempfile.mkdtemp(prefix="home-", dir=out.parent)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(SRC),
-           "CLIPEXPORT_HOME": str(out.parent / "home"), "CLIPEXPORT_CACHE_DIR": str(cache_dir())}
+           "CLIPEXPORT_HOME": home, "CLIPEXPORT_CACHE_DIR": str(cache_dir())}
     cmd = [sys.executable, "-m", "clipexport", "render", str(clip), "-o", str(out), "--force", "--device", "cpu",
            "--model", model, "--segment-frames", "1000", "--json"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -193,7 +195,8 @@ def main() -> None:
         for b in batches:
             tag = " (auto)" if p == default else ""
             rows[f"clipexport {p}{tag}, batch {b}"] = stream_engine(ups[p], b)
-    engine_row = f"clipexport {default} (auto), batch {min(batches, key=lambda b: abs(b - 4))}"
+    chosen = ups[default].default_batch  # what render's stream runs
+    engine_row = f"clipexport {default} (auto), batch {chosen if chosen in batches else batches[0]}"
 
     with tempfile.TemporaryDirectory(prefix="upscale-fps-") as tmp:
         clip = Path(tmp) / "clip.mp4"

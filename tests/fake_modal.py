@@ -131,7 +131,7 @@ class _Guard:
         self.part: str | None = None
         self.frames: Counter = Counter()  # frames upscaled per part in this run, over its fragments' streams
 
-    def stream(self, frames: Iterable[Any], *, batch: int = 4) -> Iterator[Any]:
+    def stream(self, frames: Iterable[Any], *, batch: int | None = None) -> Iterator[Any]:
         svc, part = self.service, self.part
         for frame in self.inner.stream(frames, batch=batch):
             self.frames[part] += 1

@@ -32,7 +32,7 @@ W, H = 32, 18
 
 @pytest.fixture(scope="module")
 def upscaler():
-    return load_upscaler("realesr-animevideov3", scale=2, device="cpu")
+    return load_upscaler("realesr-animevideov3", scale=2, device="cpu", precision="fp32")
 
 
 def _clock(*times: float):
@@ -57,7 +57,7 @@ def test_the_probe_times_the_real_model_and_becomes_the_prior(upscaler):
     probe = probe_speed(upscaler, W, H, device="cpu", clock=_clock(0.0, 0.2, 1.0, 1.1, 2.0, 2.3))
     assert probe["s_per_px"] == pytest.approx(0.1 / (W * H))
     assert (probe["device"], probe["model"], probe["scale"], probe["precision"]) == (
-        "cpu", "realesr-animevideov3", 2, "float32")
+        "cpu", "realesr-animevideov3", 2, "fp32")
 
     st = JobState()
     for i, e in enumerate([_plan(), {"type": "phase_start", "phase": "load_model", "t": 1.0},

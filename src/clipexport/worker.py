@@ -40,7 +40,7 @@ class FrameUpscaler(Protocol):
 
     scale: int
 
-    def stream(self, frames: Any, *, batch: int = 4) -> Generator[Any, None, None]: ...
+    def stream(self, frames: Any, *, batch: int | None = None) -> Generator[Any, None, None]: ...
 
 
 @dataclass(frozen=True)

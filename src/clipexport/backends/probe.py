@@ -44,13 +44,14 @@ def probe_speed(
         best, spent = min(best, took), spent + took
         if spent >= BUDGET_S:
             break
-    dtype = str(getattr(upscaler, "dtype", "")).removeprefix("torch.")
+    # The plan's name for it (fp32, bf16, fp16), so a kept probe matches the next plan's features.
+    precision = getattr(upscaler, "precision", None) or str(getattr(upscaler, "dtype", "")).removeprefix("torch.")
     return {
         "s_per_px": best / float(width * height),
         "device": device,
         "model": getattr(upscaler, "model", None),
         "scale": getattr(upscaler, "scale", None),
-        "precision": dtype or None,
+        "precision": precision or None,
         "width": width,
         "height": height,
     }

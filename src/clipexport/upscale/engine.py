@@ -169,6 +169,9 @@ class Upscaler:
             else:
                 tile_pad = 16
         self.tile_pad = tile_pad + (-tile_pad) % self.multiple
+        # Frames per forward pass in stream(): 4 keeps a GPU busy; on the CPU one frame's
+        # activations stay closer to the caches, and 4 measured slower (bench/upscale_fps.py).
+        self.default_batch = 4 if self._device.type == "cuda" else 1
         self._max_pixels = self._pixel_budget()
 
     def __repr__(self) -> str:
@@ -261,15 +264,17 @@ class Upscaler:
 
     # --- a pipelined stream ---------------------------------------------------------
 
-    def stream(self, frames: Iterable[np.ndarray], *, batch: int = 4) -> Iterator[np.ndarray]:
+    def stream(self, frames: Iterable[np.ndarray], *, batch: int | None = None) -> Iterator[np.ndarray]:
         """Upscale an iterable of (H, W, 3) uint8 frames, yielding output frames in order.
 
         A reader thread pulls ``frames`` into a bounded queue and a worker thread
-        runs batches of up to ``batch`` same-sized frames while the caller
-        consumes results. An exception raised by ``frames`` (or the model) is
+        runs batches of up to ``batch`` same-sized frames (None: ``default_batch``,
+        4 on CUDA, 1 on the CPU) while the caller consumes results. An exception raised by ``frames`` (or the model) is
         raised here after the frames before it. Closing the generator early
         stops both threads (and closes ``frames`` if it is a generator).
         """
+        if batch is None:
+            batch = self.default_batch
         if batch < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         return self._stream(frames, batch)
