@@ -98,7 +98,7 @@ def _check_model(spec: JobSpec) -> None:
             raise ModelError(f"{spec.weights}: weights file not found")
         from clipexport.upscale import load_upscaler
 
-        load_upscaler(spec.model, scale=spec.scale, weights=Path(spec.weights), device="cpu")  # fits the arch?
+        load_upscaler(spec.model, scale=spec.scale, weights=Path(spec.weights), device="cpu", precision="fp32")  # fits the arch?
 
 
 def _check_output(spec: JobSpec, force: bool) -> None:
