@@ -482,7 +482,7 @@ def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
         {k: v for k, v in e.items() if k not in strip} for e in local_job()]  # the events pass through untouched
 
 
-def test_json_snapshot_carries_the_80_percent_range_when_the_estimator_has_one(monkeypatch):
+def test_json_snapshot_carries_the_80_percent_range_when_the_estimator_has_one():
     snap = dataclasses.replace(snapshot_cloud(), remaining_lo_s=12.04, remaining_hi_s=30.0)
     fields = snapshot_fields(snap)
     assert (fields["remaining_lo_s"], fields["remaining_hi_s"]) == (12.0, 30.0)
