@@ -197,10 +197,9 @@ def snapshot_fields(snap: Snapshot) -> dict[str, Any]:
         "elapsed": round(snap.elapsed, 1),
         "remaining_s": _round1(snap.remaining_s),
     }
-    for name in ("remaining_lo_s", "remaining_hi_s"):
-        value = getattr(snap, name, None)
-        if value is not None:
-            fields[name] = _round1(value)
+    if snap.remaining_lo_s is not None and snap.remaining_hi_s is not None:
+        fields["remaining_lo_s"] = _round1(snap.remaining_lo_s)
+        fields["remaining_hi_s"] = _round1(snap.remaining_hi_s)
     fields["eta_text"] = snap.eta_text
     fields["phases"] = [{"phase": r.phase, "state": r.state, "unit": r.unit, "done": r.done, "total": r.total}
                         for r in snap.phases]
