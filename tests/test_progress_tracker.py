@@ -3,6 +3,8 @@ the estimator counts down between events and grows during a stall."""
 
 from __future__ import annotations
 
+import pytest
+
 import math
 import random
 
@@ -232,12 +234,18 @@ def test_a_part_resumed_inside_keeps_its_row_and_counts_only_the_redone_frames_a
     """Killed 61 frames into a 96-frame segment, resumed from its last whole fragment (48)."""
     tracker = Tracker(MODEL)
     part = {"phase": "upscale", "part": "seg-0001", "unit": "frames", "total": 96}
-    feed = [("phase_start", {"attempt": 1, "done": 0}), ("progress", {"attempt": 1, "done": 61}),
-            ("phase_start", {"attempt": 2, "done": 48}), ("progress", {"attempt": 2, "done": 55})]
+    feed = [{"phase": "prepare"},
+            {**part, "attempt": 1, "done": 0}, {**part, "type": "progress", "attempt": 1, "done": 61},
+            {"phase": "prepare"},  # the resume: its run starts with the first phase again
+            {**part, "attempt": 2, "done": 48}, {**part, "type": "progress", "attempt": 2, "done": 55}]
     shown = []
-    for seq, (typ, fields) in enumerate(feed):
-        tracker.feed({"v": 1, "job": "j", "seq": seq, "t": 100.0 + seq, "type": typ, **part, **fields})
-        shown.append(next(r.done for r in tracker.snapshot(100.0 + seq).phases if r.phase == "upscale"))
-    assert shown == [0, 61, 61, 61]
-    seg = tracker.state.phases["upscale"].parts["seg-0001"]
+    for seq, fields in enumerate(feed):
+        tracker.feed({"v": 1, "job": "j", "seq": seq, "t": 100.0 + seq, "type": "phase_start", **fields})
+        shown.append({r.phase: r.done for r in tracker.snapshot(100.0 + seq).phases}.get("upscale"))
+    assert shown == [None, 0, 61, 61, 61, 61], "the row never goes back"
+    upscale = tracker.state.phases["upscale"]
+    seg = upscale.parts["seg-0001"]
     assert seg.done == 55 and seg.lost_done == 61 - 48
+    row = next(r for r in tracker.snapshot(106.0).phases if r.phase == "upscale")
+    assert "redoing 13 frames" in (row.detail or ""), row.detail
+    assert row.rate == pytest.approx((55 - 48) / (106.0 - 104.0)), "kept frames are not this run's work"
