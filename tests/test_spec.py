@@ -196,15 +196,30 @@ def test_estimate_with_a_spec_runs_nothing(tmp_path, clipexport_home):
     assert not (tmp_path / "out.mp4").exists() and not (clipexport_home / "state" / "jobs").exists()
 
 
-def test_overlays_travel_in_a_remote_task(overlaid):
-    from clipexport.media import Segment, plan_clips, probe
+def test_overlays_travel_in_a_remote_task_and_the_container_draws_them(tmp_path):
+    """What a Modal container runs (`remote.run_segments`), given a task as JSON, on the real model."""
+    from clipexport.media import plan_clips, plan_segments, probe
+    from clipexport.remote import Container, run_segments
+    from clipexport.storage import LocalStorage, hash_file
+    from clipexport.upscale import load_upscaler
     from clipexport.worker import SegmentTask
 
-    tmp_path = overlaid[0]
-    reel = load_spec(tmp_path / "reel.toml")
-    plan = plan_clips([probe(tmp_path / "grey.mp4")], [None], [None])[0]
-    task = SegmentTask("cx-1", Segment(0, 0, 0, 12), plan, "k", overlays=tuple(reel.clips[0].overlays))
-    assert task_from_dict(json.loads(json.dumps(task_to_dict(task)))).overlays == task.overlays
+    clip = make_clip(tmp_path / "grey.mp4", frames=6, width=64, height=36, fps=24, solid=128, audio=False)
+    store = LocalStorage(tmp_path / "store")
+    input_key = f"inputs/{hash_file(clip)}.mp4"
+    store.put_file(input_key, clip)
+    plan = plan_clips([probe(clip)], [None], [None])[0]
+    box = {"kind": "box", "start": 0.1, "x": 0.25, "y": 0.25, "w": 0.5, "h": 0.5, "color": "#ff0000"}
+    task = SegmentTask("cx-000001", plan_segments([6], 6)[0], plan, "segments/boxed.mp4", crf=0,
+                       input_key=input_key, overlays=(box,))
+    as_sent = json.loads(json.dumps(task_to_dict(task)))
+    assert task_from_dict(as_sent).overlays == (box,)
+    result = run_segments([as_sent], store, load_upscaler("realesr-animevideov3", scale=2, device="cpu"),
+                          Container.loaded(0.1), cache=tmp_path / "cache")
+    assert "error" not in result, result
+    store.get_file("segments/boxed.mp4", tmp_path / "boxed.mp4")
+    red = [f[36, 64, 0] > 200 and f[36, 64, 1] < 60 for f in frames_of(tmp_path / "boxed.mp4")]
+    assert red == [False, False, False, True, True, True]  # from t = 0.1 s: frame 3 (0.125 s) on
 
 
 def test_the_schema_comes_from_the_declaration_and_the_example_passes():
