@@ -271,6 +271,7 @@ BAD_SPECS = [
     ("bad colour", "reel.toml", SOURCE + '[[clips.overlays]]\nkind = "box"\nx=0\ny=0\nw=1\nh=1\ncolor="#ggg"\n',
      "reel.toml: clips[0].overlays[0].color: '#ggg' is not a colour"),
     ("bad scale", "reel.toml", "scale = 3\n" + SOURCE, "reel.toml: scale: 3 is not one of 2, 4"),
+    ("output and each", "reel.toml", 'each = "clips"\n' + SOURCE, "reel.toml: each: give output"),
 ]
 
 

@@ -204,6 +204,8 @@ def load_spec(path: Path) -> Reel:
     base = path.parent.absolute()
     top = _Checker(name).table(data, SPEC, "")
     settings = {k: v for k, v in top.items() if k in SETTINGS and v is not None}
+    if "output" in settings and "each" in settings:
+        raise SpecError(f"{name}: each: give output (the clips joined) or each (a file per clip), not both")
     for key in PATHS:
         if key in settings:
             settings[key] = str(base / settings[key])
