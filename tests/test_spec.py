@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from clipexport.cli import app
 from clipexport.overlay import KINDS
 from clipexport.remote import task_from_dict, task_to_dict
-from clipexport.spec import SpecError, json_schema, load_spec
+from clipexport.spec import SpecError, load_spec
 from tests.clips import make_clip, read_index
 
 runner = CliRunner()
