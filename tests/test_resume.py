@@ -160,7 +160,7 @@ def test_resume_refuses_a_changed_input(tmp_path, clip, clipexport_home):
     assert forced.returncode == 0, forced.stderr
 
 
-def test_resume_of_unknown_or_finished_job(tmp_path, clipexport_home):
+def test_resume_of_an_unknown_job_fails_and_of_a_finished_one_prints_its_output(tmp_path, clipexport_home):
     unknown = subprocess.run([*CLI, "resume", "cx-000000"], capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no job 'cx-000000'" in unknown.stderr
     clip = make_clip(tmp_path / "c.mp4", frames=6, width=32, height=18, fps=24)
@@ -168,7 +168,8 @@ def test_resume_of_unknown_or_finished_job(tmp_path, clipexport_home):
                    check=True, capture_output=True, timeout=DEADLINE_S)
     job = JobStore(clipexport_home / "state").all()[0].id
     finished = subprocess.run([*CLI, "resume", job], capture_output=True, text=True, timeout=60)
-    assert finished.returncode == 2 and f"job {job} is done" in finished.stderr
+    assert finished.returncode == 0, finished.stderr  # as a finished `make` does
+    assert finished.stdout.strip() == str(tmp_path / "o.mp4") and f"job {job} is done" in finished.stderr
 
 
 def test_two_renders_and_status_watch_in_parallel(tmp_path, clipexport_home):

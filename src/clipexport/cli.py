@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -32,10 +32,13 @@ from clipexport.errors import (
     JobLookupError,
     UsageError,
 )
-from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore
+from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore, new_job_id
+from clipexport.locks import lock_job, lock_output
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 failed; 2 bad usage or input (nothing started); "
+    "3 busy: the job is already running, or another job writes the output; "
+    "4 cancelled from another shell; 5 damaged state directory or job store; "
     "75 stopped and resumable; 130 interrupted by Ctrl-C; 143 stopped by SIGTERM."
 )
 
@@ -329,16 +332,20 @@ def render(
             _check_reel_media(reel, spec)
         if not estimate:  # an estimate needs no token and no network
             _preflight(spec)
-        prepared = prepare_job(spec, force=force or estimate)  # an estimate writes nothing
         if estimate:
-            _print_estimate(prepared, spec, settings.prices, as_json=json_out)
+            _print_estimate(prepare_job(spec, force=True), spec, settings.prices, as_json=json_out)  # writes nothing
             return
         store = _store()
-        record = store.create(spec)
-        store.set_fact(record.id, "force", force)
-        _note(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
-        _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=True, force=False,
-             interval=progress_interval)
+        job_id = new_job_id()
+        with ExitStack() as held:  # the output is locked before its existence is checked
+            held.callback(lock_output(store.root, spec.output, job=job_id, force=force, on_wait=_note).release)
+            prepared = prepare_job(spec, force=force)
+            held.callback(lock_job(store.root, job_id).release)
+            record = store.create(spec, job_id)
+            store.set_fact(record.id, "force", force)
+            _note(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
+            _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=True, force=False,
+                 interval=progress_interval)
 
 
 def _load_reel(path: Path, inputs: list[Path] | None, trim: list[str] | None, crop: list[str] | None) -> Any:
@@ -405,6 +412,10 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
     from clipexport.upscale.precision import normalise
 
     precision = normalise(settings.precision)
+    from clipexport.storage.config import refuse_credentials
+
+    refuse_credentials(settings.endpoint_url, "the S3 endpoint (--endpoint-url, CLIPEXPORT_S3_ENDPOINT)")
+    refuse_credentials(settings.storage, "--storage")
     from clipexport.upscale.registry import MODELS
 
     native = MODELS[settings.model].native_scale if settings.model in MODELS else 4
@@ -422,7 +433,7 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
         segment_frames=settings.segment_frames,
         backend=settings.backend,
         storage=settings.storage,
-        endpoint_url=settings.endpoint_url,
+        endpoint_url=settings.endpoint_url if settings.storage else None,  # unused without a store: not kept
         parallel=settings.parallel,
         gpu=settings.gpu if settings.backend != "local" else None,  # None: the deployment's fallback list
         device=settings.device,
@@ -569,24 +580,31 @@ def resume(
         from clipexport.orchestrator import prepare_job
 
         store = _store()
-        record = store.get(job)
-        _check_resumable(record)
-        from clipexport.orchestrator import owns_output
+        store.get(job)  # an unknown job is named before anything is locked
+        with ExitStack() as held:
+            held.callback(lock_job(store.root, job).release)
+            record = store.get(job)  # as it stands now that no other process runs it
+            if record.state == JobState.DONE:
+                _note(f"job {job} is done")
+                print(record.spec.output, flush=True)
+                return
+            _check_resumable(record)
+            held.callback(lock_output(store.root, record.spec.output, job=job, force=False).release)
+            from clipexport.orchestrator import owns_output
 
-        output_forced = bool(store.fact(record.id, "force")) or force or owns_output(store, record.id)
-        _preflight(record.spec)
-        prepared = prepare_job(record.spec, force=output_forced)
-        record = store.transition(record.id, JobState.RUNNING)
-        _note(f"resuming job {record.id}")
-        _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=False, force=force,
-             interval=progress_interval)
+            output_forced = bool(store.fact(record.id, "force")) or force or owns_output(store, record.id)
+            _preflight(record.spec)
+            prepared = prepare_job(record.spec, force=output_forced)
+            record = store.transition(record.id, JobState.RUNNING)
+            _note(f"resuming job {record.id}")
+            _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=False, force=force,
+                 interval=progress_interval)
 
 
 def _check_resumable(record: JobRecord) -> None:
+    """A job this process holds the lock of: `running` only means its runner died."""
     if record.state not in RESUMABLE:
         raise JobLookupError(f"job {record.id} is {record.state.value}; nothing to resume")
-    if record.state == JobState.RUNNING and _alive(record.pid):
-        raise JobLookupError(f"job {record.id} is running in process {record.pid}")
 
 
 def _alive(pid: int | None) -> bool:

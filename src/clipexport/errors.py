@@ -18,6 +18,9 @@ knowing which library failed::
     │   └── PreconditionFailedError object changed under a resumed download
     ├── BackendError                the compute backend failed
     │   └── RemoteFailure           an exception inside a container, as type and message
+    ├── BusyError                   exit 3, another process runs this job or writes this output
+    ├── Cancelled                   exit 4, the job was cancelled from another shell
+    ├── StateError                  exit 5, the state directory or job store is damaged
     └── Interrupted                 exit 75, stopped and resumable
 
 Messages never contain credentials: they name the file, endpoint or job.
@@ -27,6 +30,9 @@ from __future__ import annotations
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BUSY = 3
+EXIT_CANCELLED = 4
+EXIT_STATE = 5
 EXIT_RESUMABLE = 75
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -109,6 +115,32 @@ class RemoteFailure(BackendError):
 
     def __reduce__(self) -> tuple[type[RemoteFailure], tuple[str, str]]:
         return (RemoteFailure, (self.kind, self.detail))
+
+
+class BusyError(ClipexportError):
+    """Another live process holds the job or the output; nothing was started."""
+
+    exit_code = EXIT_BUSY
+
+
+class Cancelled(ClipexportError):
+    """`clipexport cancel` stopped this job from another shell; it cannot be resumed."""
+
+    exit_code = EXIT_CANCELLED
+
+
+class StateError(ClipexportError):
+    """The state directory, the job store or an event log cannot be used as it is.
+
+    The message names the file and what to do. Raised mid-render it is
+    resumable: the work done so far is in the segment files.
+    """
+
+    exit_code = EXIT_STATE
+
+    def __init__(self, message: str, *, resumable: bool = False) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
 class Interrupted(ClipexportError):

@@ -111,8 +111,10 @@ class EventLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a job's log is its user's alone
+        os.fchmod(fd, 0o600)
+        self._file = open(fd, "a", encoding="utf-8")
         if _ends_mid_line(path):  # a crash cut the last line: keep it from swallowing the next
             self._file.write("\n")
 

@@ -113,9 +113,10 @@ class JobStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
         self.path = root / "jobs.db"
+        _make_private(root)
         self._create()
+
 
     def _create(self, tries: int = 100) -> None:
         """Switch to WAL and create the tables, once, whoever comes first.
@@ -148,20 +149,23 @@ class JobStore:
     def log_path(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id / "events.jsonl"
 
-    def create(self, spec: JobSpec) -> JobRecord:
+    def create(self, spec: JobSpec, job_id: str | None = None) -> JobRecord:
+        """A new running job; `job_id` is one the caller already locked (see `locks`)."""
         now = time.time()
         with self._connect() as db:
             while True:
-                job_id = new_job_id()
+                candidate = job_id or new_job_id()
                 try:
                     db.execute(
                         "INSERT INTO jobs (id, spec, state, created, updated, pid) VALUES (?,?,?,?,?,?)",
-                        (job_id, spec.to_json(), JobState.RUNNING.value, now, now, os.getpid()),
+                        (candidate, spec.to_json(), JobState.RUNNING.value, now, now, os.getpid()),
                     )
                     break
                 except sqlite3.IntegrityError:
+                    if job_id is not None:
+                        raise JobLookupError(f"job {job_id} exists already; run the command again") from None
                     continue
-        return self.get(job_id)
+        return self.get(candidate)
 
     def get(self, job_id: str) -> JobRecord:
         with self._connect() as db:
@@ -241,6 +245,28 @@ class JobTransferState:
 
     def keys(self) -> list[str]:
         return [k.removeprefix("transfer:") for k in self._store.facts(self._job, "transfer:")]
+
+
+def _make_private(root: Path) -> None:
+    """The state dir 0700 and the store 0600, older installs included.
+
+    The job store and the event logs say what a user renders and where;
+    SQLite gives the -wal and -shm files the database file's own mode, so
+    creating that file 0600 first covers them.
+    """
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (root / "jobs").mkdir(mode=0o700, exist_ok=True)
+    for directory in (root, root / "jobs"):
+        directory.chmod(0o700)
+    fd = os.open(root / "jobs.db", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = root / f"jobs.db{suffix}"
+        if side.exists():
+            side.chmod(0o600)
 
 
 def _record(row: tuple) -> JobRecord:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clipexport import events
+from clipexport import events, testhook
 from clipexport.backends.base import Backend
 from clipexport.errors import (
     ClipexportError,
@@ -384,6 +384,7 @@ class JobRunner:
     def _finalize(self, prepared: Prepared) -> None:
         """Join the segments into the output, or with --each each clip's into its own file."""
         self.emitter("phase_start", phase="finalize")
+        testhook.pause("finalize")
         started = time.monotonic()
         outs = output_paths(self.spec)
         clips = [None] if self.spec.each is None else list(range(len(prepared.plans)))

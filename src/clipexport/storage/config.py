@@ -86,6 +86,17 @@ def check_endpoint(url: str) -> str:
     return url.rstrip("/")
 
 
+def refuse_credentials(url: str | None, names: str) -> None:
+    """Refuse a URL with user info before any job exists, without echoing it.
+
+    A job's settings are stored with it; `http://KEY:SECRET@host` would put
+    the secret at rest in the job store.
+    """
+    if url and "@" in urlsplit(url).netloc:
+        raise UsageError(f"{names} must not carry credentials (user:secret@): give them in "
+                         "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile (AWS_PROFILE)")
+
+
 def resolve(
     scheme: str,
     *,
