@@ -8,7 +8,6 @@ of them held at a pause point so the order is the test's, not luck's.
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import stat
 import subprocess
@@ -30,13 +29,19 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def killed_at_finalize(tmp_path: Path, clip: Path, out: Path) -> str:
-    """A job whose render was SIGKILLed as it began to finalize."""
+def paused_at_finalize(tmp_path: Path, clip: Path, out: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A render held as it begins to finalize, every segment done; its job; its pause folder."""
     pauses = tmp_path / "pauses-render"
     proc = spawn("render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "6",
                  "--progress", "none", env=pausing_env(pauses, "finalize"))
     job = job_id_of(proc)
     wait_paused(pauses, "finalize", proc)
+    return proc, job, pauses
+
+
+def killed_at_finalize(tmp_path: Path, clip: Path, out: Path) -> str:
+    """A job whose render was SIGKILLed as it began to finalize."""
+    proc, job, _ = paused_at_finalize(tmp_path, clip, out)
     proc.kill()
     proc.wait()
     return job

@@ -326,7 +326,7 @@ def render(
         settings = config.load_settings({k: v for k, v in flags.items() if k not in ("weights", "output", "each")})
         spec = _spec(inputs or [], output, settings, weights, trim, crop,
                      overlays=None if reel is None else [c.overlays for c in reel.clips], each=each)
-        from clipexport.orchestrator import prepare_job
+        from clipexport.orchestrator import check_output, prepare_job
 
         if reel is not None:
             _check_reel_media(reel, spec)
@@ -335,11 +335,12 @@ def render(
         if estimate:
             _print_estimate(prepare_job(spec, force=True), spec, settings.prices, as_json=json_out)  # writes nothing
             return
+        prepared = prepare_job(spec, force=force)  # bad input is refused before the state dir is touched
         store = _store()
         job_id = new_job_id()
-        with ExitStack() as held:  # the output is locked before its existence is checked
+        with ExitStack() as held:
             held.callback(lock_output(store.root, spec.output, job=job_id, force=force, on_wait=_note).release)
-            prepared = prepare_job(spec, force=force)
+            check_output(spec, force)  # again, now that no other job can be finishing a file there
             held.callback(lock_job(store.root, job_id).release)
             record = store.create(spec, job_id)
             store.set_fact(record.id, "force", force)
@@ -503,8 +504,10 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     spec = record.spec
     storage = None if spec.storage is None else open_storage(spec.storage, endpoint_url=spec.endpoint_url)
     tracker = Tracker(load_model(), floor=record.fraction)
+    planned = False
     if not fresh:
         for event in events.read_events(store.log_path(record.id)):
+            planned = planned or event.get("type") == "plan"
             tracker.feed(event)
     mode = choose_mode(mode, sys.stderr.isatty(), os.environ.get("TERM"))
     segment_root = config.data_dir() / "store"
@@ -523,7 +526,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             storage=storage,
         )
         display.attach(runner.emitter.emit)
-        if fresh:
+        if not planned:  # a new job, or a log lost or cut short: the job's store has the rest
             runner.emit_plan(prepared, backend=spec.backend, device=_device_name(spec))
         try:
             runner.run(prepared)

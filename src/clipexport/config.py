@@ -16,7 +16,7 @@ from typing import Any
 
 import platformdirs
 
-from clipexport.errors import UsageError
+from clipexport.errors import StateError, UsageError
 
 APP = "clipexport"
 
@@ -24,7 +24,10 @@ APP = "clipexport"
 def _dir(kind: str) -> Path:
     home = os.environ.get("CLIPEXPORT_HOME")
     if home:
-        return Path(home) / kind
+        root = Path(home).expanduser().absolute()  # relative: fixed once, not per later chdir
+        if root.exists() and not root.is_dir():
+            raise StateError(f"CLIPEXPORT_HOME={root} is a file: point it at a folder (it is created if missing)")
+        return root / kind
     finder = getattr(platformdirs, f"user_{kind}_dir")
     return Path(finder(APP))
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from clipexport.errors import StateError
+
 VERSION = 1
 TYPES = ("plan", "phase_start", "progress", "heartbeat", "phase_end", "done", "error", "cancelled",
          "interrupted", "snapshot")
@@ -111,18 +113,29 @@ class EventLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a job's log is its user's alone
-        os.fchmod(fd, 0o600)
-        self._file = open(fd, "a", encoding="utf-8")
-        if _ends_mid_line(path):  # a crash cut the last line: keep it from swallowing the next
-            self._file.write("\n")
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # a job's log is its user's alone
+            os.fchmod(fd, 0o600)
+            self._file = open(fd, "a", encoding="utf-8")
+            if _ends_mid_line(path):  # a crash cut the last line: keep it from swallowing the next
+                self._file.write("\n")
+        except OSError as exc:
+            raise self._unwritable(exc) from None
 
     def __call__(self, event: Event) -> None:
-        self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
-        self._file.flush()
-        if event["type"] != "progress" and event["type"] != "heartbeat":
-            os.fsync(self._file.fileno())
+        try:
+            self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self._file.flush()
+            if event["type"] != "progress" and event["type"] != "heartbeat":
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
+    def _unwritable(self, exc: OSError) -> StateError:
+        """A full disk or a read-only folder stops the job resumably, in one line."""
+        return StateError(f"{self.path}: the event log cannot be written ({exc.strerror}); free some disk space "
+                          "or make it writable, then run the command again", resumable=True)
 
     def close(self) -> None:
         self._file.close()
@@ -138,8 +151,10 @@ def _ends_mid_line(path: Path) -> bool:
 
 
 def read_events(path: Path) -> Iterator[Event]:
-    """Yield the events of a log, skipping a line cut short by a crash."""
-    with open(path, encoding="utf-8") as f:
+    """Yield the events of a log, skipping a line cut short by a crash; none for a missing log."""
+    if not path.is_file():
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -152,8 +167,6 @@ def read_events(path: Path) -> Iterator[Event]:
 
 def last_seq(path: Path) -> int:
     """The highest `seq` in a log, or -1 for a missing or empty one."""
-    if not path.exists():
-        return -1
     return max((e.get("seq", -1) for e in read_events(path)), default=-1)
 
 

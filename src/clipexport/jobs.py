@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -21,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipexport.errors import JobLookupError
+from clipexport.errors import JobLookupError, StateError
+
+logger = logging.getLogger(__name__)
 
 
 class JobState(str, enum.Enum):
@@ -114,7 +117,12 @@ class JobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.path = root / "jobs.db"
-        _make_private(root)
+        self._running: dict[str, JobRecord] = {}  # jobs this process runs: re-registered if jobs.db vanishes
+        try:
+            _make_private(root)
+        except OSError as exc:
+            raise StateError(f"{exc.filename or root}: cannot be written ({exc.strerror}); make it writable, "
+                             "or set CLIPEXPORT_HOME to a writable folder") from None
         self._create()
 
 
@@ -127,24 +135,54 @@ class JobStore:
         """
         for attempt in range(tries):
             try:
-                with self._connect() as db:
+                with self._transaction() as db:
                     if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                         db.execute("PRAGMA journal_mode=WAL")
                     db.executescript(_SCHEMA)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or attempt == tries - 1:
-                    raise
+                    raise _state_error(self.path, exc) from None
                 time.sleep(0.05)
+            except sqlite3.DatabaseError as exc:
+                raise _state_error(self.path, exc) from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
+        """One short transaction; SQLite's errors leave as a StateError naming jobs.db."""
+        if not self.path.exists() and self._running:
+            self._recreate()
+        try:
+            with self._transaction() as db:
+                yield db
+        except sqlite3.DatabaseError as exc:
+            raise _state_error(self.path, exc) from None
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.path, timeout=30)
         try:
             with db:
                 yield db
         finally:
             db.close()
+
+    def _recreate(self) -> None:
+        """jobs.db was deleted under a running job: start it afresh with the jobs this process runs.
+
+        Their other facts are lost, but nothing a resume needs is: finished
+        segments are found again by their content keys, inputs are hashed again.
+        """
+        for suffix in ("-wal", "-shm"):  # the old file's journal must not be replayed into the new one
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        _make_private(self.root)
+        self._create()
+        with self._connect() as db:
+            for r in self._running.values():
+                db.execute("INSERT OR IGNORE INTO jobs (id, spec, state, created, updated, pid) VALUES (?,?,?,?,?,?)",
+                           (r.id, r.spec.to_json(), JobState.RUNNING.value, r.created, time.time(), os.getpid()))
+        logger.warning("clipexport: %s was deleted while job %s ran; re-created it, the job goes on",
+                       self.path, ", ".join(self._running))
 
     def log_path(self, job_id: str) -> Path:
         return self.root / "jobs" / job_id / "events.jsonl"
@@ -165,7 +203,8 @@ class JobStore:
                     if job_id is not None:
                         raise JobLookupError(f"job {job_id} exists already; run the command again") from None
                     continue
-        return self.get(candidate)
+        record = self._running[candidate] = self.get(candidate)
+        return record
 
     def get(self, job_id: str) -> JobRecord:
         with self._connect() as db:
@@ -190,7 +229,12 @@ class JobStore:
                 "UPDATE jobs SET state = ?, message = ?, updated = ?, pid = ? WHERE id = ?",
                 (state.value, message, time.time(), pid, job_id),
             )
-        return self.get(job_id)
+        record = self.get(job_id)
+        if state == JobState.RUNNING:
+            self._running[job_id] = record
+        else:
+            self._running.pop(job_id, None)
+        return record
 
     def record_progress(self, job_id: str, seq: int, fraction: float) -> None:
         """Remember the last seq stored and fraction shown (never lowered)."""
@@ -245,6 +289,18 @@ class JobTransferState:
 
     def keys(self) -> list[str]:
         return [k.removeprefix("transfer:") for k in self._store.facts(self._job, "transfer:")]
+
+
+def _state_error(path: Path, exc: sqlite3.DatabaseError) -> StateError:
+    """What went wrong with jobs.db, and what the user can do about it."""
+    text = str(exc)
+    if "readonly" in text or "unable to open" in text:
+        return StateError(f"{path}: the job store cannot be written ({text}); make it and its folder writable")
+    if "full" in text or "I/O" in text:
+        return StateError(f"{path}: the job store cannot be written ({text}); free some disk space, then "
+                          "run the command again", resumable=True)
+    return StateError(f"{path}: the job store is damaged ({text}); move it aside to start a new one "
+                      "(the jobs it lists are lost; finished segments are kept)")
 
 
 def _make_private(root: Path) -> None:

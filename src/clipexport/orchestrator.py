@@ -62,7 +62,7 @@ class Prepared:
 def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
     """Check model, output and inputs; raise a UsageError naming the problem."""
     _check_model(spec)
-    _check_output(spec, force)
+    check_output(spec, force)
     infos = [probe(Path(p)) for p in spec.inputs]
     trims = spec.trims or [None] * len(infos)
     crops = spec.crops or [None] * len(infos)
@@ -101,7 +101,8 @@ def _check_model(spec: JobSpec) -> None:
         load_upscaler(spec.model, scale=spec.scale, weights=Path(spec.weights), device="cpu", precision="fp32")  # fits the arch?
 
 
-def _check_output(spec: JobSpec, force: bool) -> None:
+def check_output(spec: JobSpec, force: bool) -> None:
+    """Refuse an output that cannot or must not be written (an existing one unless `force`)."""
     if spec.each is not None:
         _check_each_dir(Path(spec.each))
     for out in output_paths(spec):
@@ -255,8 +256,10 @@ class JobRunner:
         finally:
             for tmp in partial_outputs(self.spec, self.job):
                 tmp.unlink(missing_ok=True)
-            self._flush_seq()
-            self._log.close()
+            try:
+                self._flush_seq()
+            finally:
+                self._log.close()
         return out
 
     def _run(self, prepared: Prepared) -> None:
@@ -421,10 +424,11 @@ class JobRunner:
             self.store.record_progress(self.job, self._last_seq, self._fraction())
 
     def emit_plan(self, prepared: Prepared, *, backend: str, device: str) -> None:
-        """The first event of a new job; its time anchors `done.elapsed`."""
+        """The first event of a new job (or of a resumed one whose log was lost); it anchors `done.elapsed`."""
         total = sum(i.size_bytes for i in prepared.infos)
         event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
-        self.store.set_fact(self.job, "plan_t", event["t"])
+        if self.store.fact(self.job, "plan_t") is None:  # a plan written again keeps the job's start
+            self.store.set_fact(self.job, "plan_t", event["t"])
 
 
 def file_identity(path: Path) -> dict[str, int]:
