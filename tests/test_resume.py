@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from clipexport import events
+from clipexport.errors import EXIT_CANCELLED
 from clipexport.jobs import JobState, JobStore
 from clipexport.orchestrator import owns_output
 from clipexport.progress import Tracker
@@ -200,7 +201,8 @@ def test_cancel_marks_the_job_and_writes_a_cancelled_event(tmp_path, clip, clipe
     wait_for_a_finished_segment(clipexport_home, job)
     cancelled = subprocess.run([*CLI, "cancel", job, "--purge"], capture_output=True, text=True, timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
-    proc.wait(timeout=60)
+    assert proc.wait(timeout=60) == EXIT_CANCELLED, "the client says it was cancelled, with its own code"
+    assert proc.stderr.read().strip().splitlines()[-1] == f"clipexport: error: job {job} was cancelled from another shell"
     assert store.get(job).state == JobState.CANCELLED
     assert joined_log(clipexport_home, job)[-1]["type"] == "cancelled"
     segments = clipexport_home / "data" / "store" / "segments"

@@ -783,8 +783,9 @@ def cancel(
     with _errors_to_exit():
         from clipexport.orchestrator import cancel_job
 
-        cancel_job(_store(), job, segment_root=config.data_dir() / "store", purge=purge)
-        _say(f"job {job} cancelled" + (" and its segments deleted" if purge else ""))
+        _, kept = cancel_job(_store(), job, segment_root=config.data_dir() / "store", purge=purge)
+        shared = f" ({kept} kept: other unfinished jobs share them)" if kept else ""
+        _say(f"job {job} cancelled" + (f" and its segments deleted{shared}" if purge else ""))
 
 
 @app.command(cls=_Command, epilog=_examples("clipexport logs cx-3f9a1c -f", "clipexport logs cx-3f9a1c --json"))

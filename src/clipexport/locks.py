@@ -50,11 +50,15 @@ class Lock:
         self._fd = -1
 
 
-def lock_job(state_root: Path, job_id: str) -> Lock:
-    """Become the one process running `job_id`, or raise BusyError naming the one that is."""
+def lock_job(state_root: Path, job_id: str, *, wait_s: float = 0.0) -> Lock:
+    """Become the one process running `job_id` (trying for `wait_s`), or raise BusyError naming it."""
     testhook.pause("job-lock-before")
     path = _lock_dir(state_root) / f"job-{job_id}.lock"
+    deadline = time.monotonic() + wait_s
     lock = _take(path, wait=False)
+    while lock is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lock = _take(path, wait=False)
     if lock is None:
         pid = owner(path).get("pid", "?")
         raise BusyError(f"job {job_id} is already running (pid {pid}); "

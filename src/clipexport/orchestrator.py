@@ -24,8 +24,10 @@ from typing import Any
 from clipexport import events, testhook
 from clipexport.backends.base import Backend
 from clipexport.errors import (
-    ClipexportError,
     BackendError,
+    BusyError,
+    Cancelled,
+    ClipexportError,
     InputError,
     Interrupted,
     JobLookupError,
@@ -34,7 +36,8 @@ from clipexport.errors import (
     UsageError,
     EXIT_SIGINT,
 )
-from clipexport.jobs import JobRecord, JobSpec, JobState, JobStore
+from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore
+from clipexport.locks import Lock, lock_job
 from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
 from clipexport.overlay import touches
 from clipexport.remote import channel_prefix
@@ -413,6 +416,8 @@ class JobRunner:
     def _stopped(self, exc: Interrupted) -> None:
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
         self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
+        if self.store.fact(self.job, "cancel"):  # `clipexport cancel` sent the signal: nothing to resume
+            raise Cancelled(f"job {self.job} was cancelled from another shell") from None
         raise exc
 
     def _failed(self, message: str, resumable: bool) -> None:
@@ -471,32 +476,54 @@ def _partial(out: Path, job_id: str) -> Path:
 
 
 def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool = False,
-               wait_s: float = 15.0) -> JobRecord:
+               wait_s: float = 15.0) -> tuple[JobRecord, int]:
     """Stop a job's local work, drop its temporary files, mark it cancelled.
 
-    A live client is sent SIGTERM and given `wait_s` to stop cleanly (it
-    keeps every finished segment). Finished segments stay in the store for
-    other jobs to reuse unless `purge`.
+    A live client is told (the `cancel` fact, so that it says "cancelled"
+    rather than how to resume), sent SIGTERM and given `wait_s` to stop
+    cleanly and let go of the job's lock, which this then holds so that no
+    `resume` starts meanwhile. Finished segments stay in the store for other
+    jobs to reuse unless `purge`; even then, those another unfinished job
+    needs are kept. Returns the record and how many segments were kept so.
     """
     record = store.get(job_id)
     if record.state in (JobState.DONE, JobState.CANCELLED):
         raise JobLookupError(f"job {job_id} is already {record.state.value}")
-    _stop_client(store, record, wait_s)
-    _cancel_remote(store, record)
-    for tmp in partial_outputs(record.spec, job_id):
-        tmp.unlink(missing_ok=True)
-    if purge:
-        for key in store.facts(job_id, "segkey:").values():
-            (segment_root / key).unlink(missing_ok=True)
-    record = store.transition(job_id, JobState.CANCELLED, "cancelled by user")
-    log_path = store.log_path(job_id)
-    log = events.EventLog(log_path)
+    store.set_fact(job_id, "cancel", True)
+    lock = _stop_client(store, record, wait_s)
     try:
-        events.Emitter(job_id, [log, events.log_sink], next_seq=events.last_seq(log_path) + 1)(
-            "cancelled", purged=purge)
+        record = store.get(job_id)
+        if record.state == JobState.DONE:
+            raise JobLookupError(f"job {job_id} finished before it could be cancelled")
+        _cancel_remote(store, record)
+        for tmp in partial_outputs(record.spec, job_id):
+            tmp.unlink(missing_ok=True)
+        kept = _purge_segments(store, job_id, segment_root) if purge else 0
+        record = store.transition(job_id, JobState.CANCELLED, "cancelled by user")
+        log_path = store.log_path(job_id)
+        log = events.EventLog(log_path)
+        try:
+            events.Emitter(job_id, [log, events.log_sink], next_seq=events.last_seq(log_path) + 1)(
+                "cancelled", purged=purge)
+        finally:
+            log.close()
     finally:
-        log.close()
-    return record
+        lock.release()
+    return record, kept
+
+
+def _purge_segments(store: JobStore, job_id: str, segment_root: Path) -> int:
+    """Delete the job's finished segments but those another unfinished job still needs.
+
+    Segments are content-addressed: a job rendering the same input with the
+    same options shares them. Returns how many were kept for such jobs.
+    """
+    needed = {key for other in store.all() if other.id != job_id and other.state in RESUMABLE
+              for key in store.facts(other.id, "segkey:").values()}
+    mine = set(store.facts(job_id, "segkey:").values())
+    for key in mine - needed:
+        (segment_root / key).unlink(missing_ok=True)
+    return len(mine & needed)
 
 
 def _cancel_remote(store: JobStore, record: JobRecord) -> None:
@@ -515,13 +542,16 @@ def _cancel_remote(store: JobStore, record: JobRecord) -> None:
             logger.warning("could not cancel the job's Modal calls: %s", exc)
 
 
-def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> None:
-    if record.state != JobState.RUNNING or not record.pid or record.pid == os.getpid():
-        return
+def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> Lock:
+    """SIGTERM the job's live client, then hold the job's lock once it has let go."""
+    if record.state == JobState.RUNNING and record.pid and record.pid != os.getpid():
+        try:
+            os.kill(record.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     try:
-        os.kill(record.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and store.get(record.id).state == JobState.RUNNING:
-        time.sleep(0.1)
+        return lock_job(store.root, record.id, wait_s=wait_s)
+    except BusyError:
+        store.clear_fact(record.id, "cancel")
+        raise BusyError(f"job {record.id}: its process (pid {record.pid}) did not stop within {wait_s:.0f} s; "
+                        f"run `clipexport cancel {record.id}` again") from None
