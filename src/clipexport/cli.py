@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +25,6 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 from clipexport import __version__, config, events
 from clipexport.errors import (
     EXIT_RESUMABLE,
-    EXIT_SIGTERM,
     ClipexportError,
     Interrupted,
     JobLookupError,
@@ -34,6 +32,7 @@ from clipexport.errors import (
 )
 from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore, new_job_id
 from clipexport.locks import lock_job, lock_output
+from clipexport.stopping import Stop, stop_on_signals
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 done; 1 failed; 2 bad usage or input (nothing started); "
@@ -191,18 +190,6 @@ def _errors_to_exit() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _on_signal(signum: int, _frame: Any) -> None:
-    code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_RESUMABLE
-    raise Interrupted("stopped by signal", exit_code=code)
-
-
-def _install_signal_handlers() -> None:
-    """SIGTERM and SIGHUP stop a job as Ctrl-C does, with their own codes."""
-    signal.signal(signal.SIGTERM, _on_signal)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, _on_signal)
-
-
 def _store() -> JobStore:
     return JobStore(config.state_dir())
 
@@ -339,6 +326,7 @@ def render(
         store = _store()
         job_id = new_job_id()
         with ExitStack() as held:
+            stop = held.enter_context(stop_on_signals())  # from before the job id is shown
             held.callback(lock_output(store.root, spec.output, job=job_id, force=force, on_wait=_note).release)
             check_output(spec, force)  # again, now that no other job can be finishing a file there
             held.callback(lock_job(store.root, job_id).release)
@@ -346,7 +334,7 @@ def render(
             store.set_fact(record.id, "force", force)
             _note(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
             _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=True, force=False,
-                 interval=progress_interval)
+                 interval=progress_interval, stop=stop)
 
 
 def _load_reel(path: Path, inputs: list[Path] | None, trim: list[str] | None, crop: list[str] | None) -> Any:
@@ -492,7 +480,7 @@ def _device_name(spec: JobSpec) -> str:
 
 
 def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh: bool, force: bool,
-         interval: float | None = None) -> None:
+         stop: Stop, interval: float | None = None) -> None:
     """Run a job under a display; print the output path when done."""
     from clipexport.backends import create_backend
     from clipexport.orchestrator import JobRunner
@@ -500,7 +488,6 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
     from clipexport.progress.display import choose_mode, make_display
     from clipexport.storage import open_storage
 
-    _install_signal_handlers()
     spec = record.spec
     storage = None if spec.storage is None else open_storage(spec.storage, endpoint_url=spec.endpoint_url)
     tracker = Tracker(load_model(), floor=record.fraction)
@@ -516,6 +503,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             "job %s: event log %s; segments in %s; backend %s, device %s, model %s x%s, %s frames a segment",
             record.id, store.log_path(record.id), segment_root, spec.backend, _device_name(spec), spec.model,
             spec.scale, spec.segment_frames)
+        stop.announcer = display.stopping
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
@@ -585,6 +573,7 @@ def resume(
         store = _store()
         store.get(job)  # an unknown job is named before anything is locked
         with ExitStack() as held:
+            stop = held.enter_context(stop_on_signals())
             held.callback(lock_job(store.root, job).release)
             record = store.get(job)  # as it stands now that no other process runs it
             if record.state == JobState.DONE:
@@ -601,7 +590,7 @@ def resume(
             record = store.transition(record.id, JobState.RUNNING)
             _note(f"resuming job {record.id}")
             _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=False, force=force,
-                 interval=progress_interval)
+                 interval=progress_interval, stop=stop)
 
 
 def _check_resumable(record: JobRecord) -> None:

@@ -101,6 +101,7 @@ class Display:
         self.clock = clock
         self._lock = threading.RLock()
         self._closed = False
+        self._stopping = False
 
     def handle(self, event: dict[str, Any]) -> None:
         """Take one event (from any thread)."""
@@ -125,6 +126,26 @@ class Display:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         return handler
+
+    def stopping(self) -> None:
+        """A stop was asked for: say "Stopping…" now and draw the running rows as interrupted.
+
+        Called from a helper thread the moment a signal arrives, while the
+        job's own thread may still be busy finishing a frame; once only.
+        """
+        with self._lock:
+            if self._stopping or self._closed:
+                return
+            self._stopping = True
+        self._on_stopping()
+
+    def _on_stopping(self) -> None:
+        print("clipexport: Stopping…", file=sys.stderr, flush=True)
+
+    def _shown(self, now: float) -> Snapshot:
+        """The snapshot to draw: once stopping, nothing runs and no time remains."""
+        snap = self.tracker.snapshot(now)
+        return interrupted(snap) if self._stopping else snap
 
     def close(self) -> None:
         with self._lock:
@@ -393,7 +414,7 @@ class PlainDisplay(Display):
     def _periodic(self, now: float) -> None:
         if self._final:
             return
-        snap = self._cadence.due(now, lambda: self.tracker.snapshot(now))
+        snap = self._cadence.due(now, lambda: self._shown(now))
         if snap is not None:
             self._write(now, status_line(snap))
 
@@ -401,6 +422,10 @@ class PlainDisplay(Display):
         with self._lock:
             if not self._closed and self.tracker.state.events:
                 self._periodic(self.clock())
+
+    def _on_stopping(self) -> None:
+        with self._lock:
+            self._write(self.clock(), "Stopping…")
 
     def _on_close(self) -> None:
         if self._ticker is not None:
@@ -410,7 +435,7 @@ class PlainDisplay(Display):
             if self.tracker.state.terminal:
                 self._final_line(now)
             else:
-                self._write(now, status_line(self.tracker.snapshot(now)))
+                self._write(now, status_line(self._shown(now)))
 
 
 # -- Rich ----------------------------------------------------------------------
@@ -469,7 +494,14 @@ class RichDisplay(Display):
 
     def _renderable(self) -> RenderableType:
         with self._lock:
-            return render_snapshot(self.tracker.snapshot(self.clock()))
+            return render_snapshot(self._shown(self.clock()))
+
+    def _on_stopping(self) -> None:
+        if self._live_started:
+            self.live.console.print("Stopping…")
+            self.live.refresh()
+        else:
+            super()._on_stopping()
 
     def _on_close(self) -> None:
         if self._live_started:
@@ -500,7 +532,15 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-_STYLE = {"done": "green", "running": "cyan", "waiting": "yellow", "pending": "dim"}
+_STYLE = {"done": "green", "running": "cyan", "waiting": "yellow", "pending": "dim", "interrupted": "yellow"}
+
+
+def interrupted(snap: Snapshot) -> Snapshot:
+    """A snapshot as a stopping job shows it: running rows interrupted, no rate, no ETA."""
+    rows = tuple(dataclasses.replace(r, state="interrupted", rate=None) if r.state in ("running", "waiting") else r
+                 for r in snap.phases)
+    return dataclasses.replace(snap, phases=rows, remaining_s=None, eta_text="stopping…")
+
 
 WIDE_MIN = 90  # narrower consoles get the compact layout: the bars leave the phase rows
 NAME_W, PCT_W = 10, 4  # "load_model", "100%"

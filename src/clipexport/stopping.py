@@ -1,0 +1,100 @@
+"""Clean stops: the first SIGINT, SIGTERM or SIGHUP stops a job; the ones after it are ignored.
+
+Two things went wrong before this module. Python runs signal handlers only
+in the main thread, between bytecodes, so while that thread was inside a
+long torch call a Ctrl-C was silent for seconds. And a second signal (a
+second Ctrl-C, or SIGHUP as the terminal closes) raised again inside the
+first stop's cleanup, so the process exited with torch's threads still at
+work and the C++ runtime aborted it (exit 134).
+
+So the C-level handler's wakeup fd is watched by a thread that announces
+the stop at once ("Stopping…", rows drawn as interrupted), and the Python
+handler acts on the first signal only: SIGINT raises KeyboardInterrupt,
+SIGTERM and SIGHUP raise `Interrupted` with their exit codes, and every
+later signal is a no-op until the command ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from clipexport.errors import EXIT_RESUMABLE, EXIT_SIGTERM, Interrupted
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Stop:
+    """One command's stop: announced once, acted on once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._announced = False
+        self.acting = False
+        self.ignored = 0  # signals that came while stopping
+        #: Shows the stop ("Stopping…" and interrupted rows); until a display exists, a plain line.
+        self.announcer: Callable[[], None] = lambda: print("clipexport: Stopping…", file=sys.stderr, flush=True)
+
+    def announce(self) -> None:
+        with self._lock:
+            if self._announced:
+                return
+            self._announced = True
+        try:
+            self.announcer()
+        except OSError:  # the terminal is gone (SIGHUP): nothing to tell
+            pass
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        """The Python-level handler, in the main thread."""
+        if self.acting:
+            self.ignored += 1  # the first stop is under way: let its cleanup finish
+            return
+        self.acting = True
+        self.announce()
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_RESUMABLE
+        raise Interrupted("stopped by signal", exit_code=code)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Stop]:
+    """Handle the stop signals for the body of a command; put back what was there after."""
+    stop = Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, stop.handle) for sig in STOP_SIGNALS}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch_wakeup_fd, args=(read_fd, stop), name="clipexport-stop", daemon=True)
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join(timeout=1.0)
+        os.close(read_fd)
+
+
+def watch_wakeup_fd(read_fd: int, stop: Stop) -> None:
+    """Announce a stop the moment the C-level handler records a stop signal."""
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        if any(byte in STOP_SIGNALS for byte in data):
+            stop.announce()

@@ -1,0 +1,119 @@
+"""Clean stops: "Stopping…" at once, repeated signals ignored, never an abort.
+
+In-process tests pin the two mechanisms with forced orderings (the main
+thread made unable to run Python handlers; a second signal sent inside the
+first stop's cleanup). Real processes then take a double Ctrl-C and a
+double SIGHUP at a pause point, and, under the stress marker, a hundred of
+each early in a job.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from clipexport.errors import EXIT_RESUMABLE, EXIT_SIGINT, Interrupted
+from clipexport.jobs import JobState, JobStore
+from clipexport.stopping import Stop, stop_on_signals, watch_wakeup_fd
+from tests.clips import make_clip
+from tests.pausing import DEADLINE_S, pausing_env, release, wait_paused
+from tests.test_job_locks import FRAMES, assert_frame_exact, finished, paused_at_finalize, spawn
+from tests.test_resume import CLI, job_id_of
+
+ABORT_SIGNS = ("terminate called", "Traceback", "Fatal Python error", "internal error")
+
+
+@pytest.mark.parametrize("written, announced", [([signal.SIGCHLD], False),
+                                                 ([signal.SIGCHLD, signal.SIGTERM, signal.SIGINT], True)])
+def test_the_watcher_announces_from_what_the_c_handler_writes_alone(written, announced):
+    """No Python handler needs to run, so a main thread busy in torch cannot delay "Stopping…"."""
+    read_fd, write_fd = os.pipe()
+    stop, calls = Stop(), []
+    stop.announcer = lambda: calls.append(threading.current_thread().name)
+    watcher = threading.Thread(target=watch_wakeup_fd, args=(read_fd, stop), name="watcher")
+    watcher.start()
+    os.write(write_fd, bytes(written))
+    os.close(write_fd)
+    watcher.join()
+    os.close(read_fd)
+    assert calls == (["watcher"] if announced else []) and not stop.acting
+
+
+def test_a_second_signal_during_the_first_stops_cleanup_is_ignored():
+    cleaned = []
+    with pytest.raises(KeyboardInterrupt):
+        with stop_on_signals() as stop:
+            stop.announcer = lambda: None
+            try:
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(DEADLINE_S)  # interrupted by the handler's KeyboardInterrupt
+            finally:
+                signal.raise_signal(signal.SIGHUP)  # the terminal closes during the cleanup
+                while stop.ignored == 0:
+                    time.sleep(0.01)
+                cleaned.append("done")
+    assert cleaned == ["done"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "handlers are put back after"
+
+
+def test_double_ctrl_c_then_double_sighup_stop_cleanly_and_resume_finishes(tmp_path, clipexport_home):
+    clip = make_clip(tmp_path / "clip.mp4", frames=FRAMES, width=32, height=18, fps=24)
+    out = tmp_path / "out.mp4"
+    proc, job, _ = paused_at_finalize(tmp_path, clip, out)  # --progress none: "Stopping…" still shows
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finished(proc)
+    assert code == EXIT_SIGINT, err
+    assert err.count("Stopping…") == 1 and f"clipexport resume {job}" in err
+    assert not any(sign in err for sign in ABORT_SIGNS), err
+    assert JobStore(clipexport_home / "state").get(job).state == JobState.INTERRUPTED
+
+    pauses = tmp_path / "pauses-hup"
+    proc = spawn("resume", job, "--progress", "plain", env=pausing_env(pauses, "finalize"))
+    wait_paused(pauses, "finalize", proc)
+    proc.send_signal(signal.SIGHUP)
+    proc.send_signal(signal.SIGHUP)
+    code, _, err = finished(proc)
+    assert code == EXIT_RESUMABLE, err
+    assert err.count("Stopping…") == 1 and err.splitlines()[-1].endswith("the job is resumable"), err
+    assert not any(sign in err for sign in ABORT_SIGNS), err
+    release(pauses, "finalize", proc)
+    done = subprocess.run([*CLI, "resume", job, "--progress", "none"], capture_output=True, text=True,
+                          timeout=DEADLINE_S)
+    assert done.returncode == 0, done.stderr
+    assert_frame_exact(clipexport_home, job, out)
+
+
+def _one_try(clip: Path, out: Path, signals: tuple[int, ...], seed: int) -> tuple[int, str]:
+    """Start a render, signal it early (after its job id, up to about its model load), return its end."""
+    rng = random.Random(seed)
+    proc = spawn("render", str(clip), "-o", str(out), "--scale", "2", "--progress", "plain")
+    job_id_of(proc)
+    try:
+        proc.wait(timeout=rng.uniform(0.0, 1.5))
+    except subprocess.TimeoutExpired:
+        for signum in signals:
+            proc.send_signal(signum)
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    return proc.returncode, err
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize("signals, code", [((signal.SIGINT, signal.SIGINT), EXIT_SIGINT),
+                                           ((signal.SIGHUP, signal.SIGHUP), EXIT_RESUMABLE)],
+                         ids=["double-ctrl-c", "sighup"])
+def test_a_hundred_stops_and_not_one_abort(tmp_path, signals, code):
+    clip = make_clip(tmp_path / "clip.mp4", frames=FRAMES, width=32, height=18, fps=24)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda i: _one_try(clip, tmp_path / f"out{i}.mp4", signals, i), range(100)))
+    aborts = [(rc, err) for rc, err in results if rc not in (code, 0) or any(s in err for s in ABORT_SIGNS)]
+    assert aborts == [], aborts[:3]
+    assert sum(rc == code for rc, _ in results) >= 50, "most signals land before the job ends"
