@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from clipexport.errors import ModelError
+from clipexport.errors import ModelError, UsageError
 from clipexport.upscale import MODELS, ModelSpec, load_upscaler
 from clipexport.upscale import archs, ncnn, weights
 from clipexport.upscale.engine import Upscaler
@@ -356,7 +356,7 @@ def test_unpinned_model_is_not_downloaded(server, own_cache, monkeypatch):
 
 def test_bad_weights_source_value(monkeypatch):
     monkeypatch.setenv("CLIPEXPORT_WEIGHTS_SOURCE", "sometimes")
-    with pytest.raises(ModelError, match="CLIPEXPORT_WEIGHTS_SOURCE"):
+    with pytest.raises(UsageError, match="CLIPEXPORT_WEIGHTS_SOURCE"):
         load_upscaler(ANIME, device="cpu")
 
 

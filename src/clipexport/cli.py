@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from clipexport import __version__, config, events
+from clipexport import __version__, config, events, options
 from clipexport.errors import (
     EXIT_RESUMABLE,
     ClipexportError,
@@ -302,6 +302,7 @@ def render(
     """
     _chatty(quiet, verbose)
     with _errors_to_exit():
+        options.check("progress", progress)
         flags = {"model": model, "scale": scale, "codec": codec, "crf": crf, "segment_frames": segment_frames,
                  "device": device, "backend": backend, "storage": storage, "endpoint_url": endpoint_url,
                  "parallel": parallel, "gpu": gpu, "weights": weights, "output": output, "each": each,
@@ -434,10 +435,9 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
 
 def _preflight(spec: JobSpec) -> None:
     """What a remote backend can check before a job exists (a token, a store), fastest first."""
-    if spec.backend == "modal":
-        from clipexport.backends.modal import preflight
+    from clipexport.validate import check_backend
 
-        preflight(spec.storage, weights=spec.weights, gpu=spec.gpu)
+    check_backend(spec)
 
 
 def _print_estimate(prepared: Any, spec: JobSpec, prices: dict[str, float] | None = None, *,
@@ -568,8 +568,9 @@ def resume(
     """Continue an interrupted or failed job, skipping finished work."""
     _chatty(quiet, verbose)
     with _errors_to_exit():
-        from clipexport.orchestrator import prepare_job
+        from clipexport.validate import prepare_job
 
+        options.check("progress", progress)
         store = _store()
         store.get(job)  # an unknown job is named before anything is locked
         with ExitStack() as held:
@@ -679,6 +680,7 @@ def status(
 ) -> None:
     """Show the progress of running jobs (or of one job, expanded)."""
     with _errors_to_exit():
+        interval = options.check("interval", interval)
         store = _store()
         if watch and not json_out and sys.stdout.isatty():
             _watch_live(store, job, interval)
@@ -850,11 +852,11 @@ def eta_fit(
     with _errors_to_exit():
         from clipexport.progress import fit_logs, user_model_path
 
+        from clipexport.validate import check_event_logs
+
         store = _store()
         paths = logs_ or [store.log_path(r.id) for r in store.all() if r.state == JobState.DONE]
-        missing = [p for p in paths if not p.is_file()]
-        if missing:
-            raise UsageError(f"{missing[0]}: no such log")
+        check_event_logs(paths)
         if not paths:
             raise UsageError("no finished jobs to fit from; give LOG files")
         target = output or user_model_path()
@@ -873,25 +875,54 @@ def eta_replay(
     """Replay traces through the live estimator; print its prediction at each event."""
     with _errors_to_exit():
         from clipexport.progress import load_model, replay_traces
+        from clipexport.validate import check_event_logs, check_timing_model
 
-        missing = [p for p in traces if not p.is_file()]
-        if missing:
-            raise UsageError(f"{missing[0]}: no such trace")
-        for line in replay_traces(traces, load_model(model)):
+        check_event_logs(traces, "trace")
+        timing = load_model() if model is None else check_timing_model(model)
+        for line in replay_traces(traces, timing):
             _json_line(line)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    logging.basicConfig(level=os.environ.get("CLIPEXPORT_LOG_LEVEL", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(message)s")
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: every outcome is an exit code and at most one line on stderr."""
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): messages go nowhere, never to stdout
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
     try:
-        app()
+        level = options.env_value("CLIPEXPORT_LOG_LEVEL")
+    except UsageError as exc:
+        _say(f"error: {exc}")
+        sys.exit(2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(message)s")
+    sys.exit(_invoke(argv))
+
+
+def _invoke(argv: list[str] | None) -> int:
+    """Run the command; Click's own parse errors become one line too, not a box."""
+    from typer._click import exceptions as click_errors
+
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(args=argv, prog_name="clipexport", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help(), file=sys.stderr)
+        return 2
+    except click_errors.ClickException as exc:
+        _say(f"error: {exc.format_message()}{_command_hint(exc)}")
+        return exc.exit_code
+    except click_errors.Abort:
+        return 130
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("CLIPEXPORT_DEBUG"):
             raise
         _say(f"internal error: {type(exc).__name__}: {exc} (CLIPEXPORT_DEBUG=1 shows the traceback)")
-        sys.exit(1)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def _command_hint(exc: Exception) -> str:
+    """Where to read more: the failing command's --help."""
+    ctx = getattr(exc, "ctx", None)
+    return f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
 
 
 @app.command(cls=_Command)

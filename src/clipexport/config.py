@@ -17,6 +17,7 @@ from typing import Any
 import platformdirs
 
 from clipexport.errors import StateError, UsageError
+from clipexport.options import OPTIONS, SETTINGS
 
 APP = "clipexport"
 
@@ -53,35 +54,24 @@ def config_path() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults a render uses when its flags do not say otherwise."""
+    """Defaults a render uses when its flags do not say otherwise (declared in `options.SETTINGS`)."""
 
-    model: str = "realesr-animevideov3"
-    scale: int | None = None
-    codec: str = "h264"
-    crf: int | None = None
-    segment_frames: int = 240
-    backend: str = "local"
-    storage: str | None = None
-    endpoint_url: str | None = None
-    parallel: int = 3
-    gpu: str | None = None  # modal: None keeps the deployment's GPU fallback list
-    device: str = "auto"
+    model: str = OPTIONS["model"].default
+    scale: int | None = OPTIONS["scale"].default
+    codec: str = OPTIONS["codec"].default
+    crf: int | None = OPTIONS["crf"].default
+    segment_frames: int = OPTIONS["segment_frames"].default
+    backend: str = OPTIONS["backend"].default
+    storage: str | None = OPTIONS["storage"].default
+    endpoint_url: str | None = OPTIONS["endpoint_url"].default
+    parallel: int = OPTIONS["parallel"].default
+    gpu: str | None = OPTIONS["gpu"].default  # modal: None keeps the deployment's GPU fallback list
+    device: str = OPTIONS["device"].default
     prices: dict[str, float] | None = None  # config file only: USD per hour by GPU type (clipexport/cost.py)
-    precision: str = "auto"  # auto, fp32, bf16, fp16: see clipexport.upscale.precision
+    precision: str = OPTIONS["precision"].default  # see clipexport.upscale.precision
 
 
-_ENV = {
-    "model": "CLIPEXPORT_MODEL",
-    "codec": "CLIPEXPORT_CODEC",
-    "segment_frames": "CLIPEXPORT_SEGMENT_FRAMES",
-    "backend": "CLIPEXPORT_BACKEND",
-    "storage": "CLIPEXPORT_STORAGE",
-    "endpoint_url": "CLIPEXPORT_S3_ENDPOINT",
-    "parallel": "CLIPEXPORT_PARALLEL",
-    "gpu": "CLIPEXPORT_GPU",
-    "device": "CLIPEXPORT_DEVICE",
-    "precision": "CLIPEXPORT_PRECISION",
-}
+_ENV = {o.name: o.env for o in SETTINGS if o.env}
 # Older names still read when the new one is not set.
 _ENV_ALIASES = {"precision": "CLIPEXPORT_CPU_DTYPE"}
 
@@ -90,8 +80,8 @@ def load_settings(flags: dict[str, Any] | None = None) -> Settings:
     """Merge the layers; `flags` holds only the flags the user gave (not None)."""
     settings = Settings()
     settings = _apply(settings, _read_file(config_path()), "config file")
-    env = {k: os.environ[v] for k, v in _ENV_ALIASES.items() if v in os.environ}
-    env.update({k: os.environ[v] for k, v in _ENV.items() if v in os.environ})
+    env = {k: os.environ[v] for k, v in _ENV_ALIASES.items() if os.environ.get(v, "").strip()}
+    env.update({k: os.environ[v] for k, v in _ENV.items() if os.environ.get(v, "").strip()})
     settings = _apply(settings, env, "environment")
     return _apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "flag")
 
@@ -106,7 +96,7 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _apply(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
-    known = {f.name: f for f in fields(Settings)}
+    known = {f.name for f in fields(Settings)}
     changes: dict[str, Any] = {}
     for name, value in values.items():
         name = name.replace("-", "_")
@@ -114,14 +104,15 @@ def _apply(settings: Settings, values: dict[str, Any], origin: str) -> Settings:
             if origin == "config file":
                 raise UsageError(f"{config_path()}: unknown setting {name!r}")
             continue
-        changes[name] = _coerce(name, value, known[name].type, origin)
+        option = OPTIONS.get(name)  # a setting without a declaration (prices) is checked where it is used
+        changes[name] = value if option is None else option.parse(value, _origin(name, origin))
     return replace(settings, **changes)
 
 
-def _coerce(name: str, value: Any, annotation: Any, origin: str) -> Any:
-    if "int" in str(annotation) and not isinstance(value, int):
-        try:
-            return int(value)
-        except ValueError:
-            raise UsageError(f"{origin} {name}: expected a whole number, got {value!r}") from None
-    return value
+def _origin(name: str, origin: str) -> str:
+    """How a message names where a value came from: the flag, the variable, the file's key."""
+    if origin == "environment":
+        return _ENV[name]
+    if origin == "config file":
+        return f"{config_path()}: {name}"
+    return OPTIONS[name].label

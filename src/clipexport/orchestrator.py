@@ -42,6 +42,7 @@ from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, 
 from clipexport.overlay import touches
 from clipexport.remote import channel_prefix
 from clipexport.storage import ProgressChannel, Storage, hash_file
+from clipexport.validate import check_encoder, check_name_length, check_spec, hidden_name
 from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, segment_key
@@ -63,13 +64,20 @@ class Prepared:
 
 
 def prepare_job(spec: JobSpec, *, force: bool = False) -> Prepared:
-    """Check model, output and inputs; raise a UsageError naming the problem."""
+    """Check model, output and inputs; raise a UsageError naming the problem.
+
+    With `validate`, this is the one validation pass a render makes before
+    any job exists: settings, environment, storage and device first, the
+    encoder's limits once the plan gives the output size.
+    """
+    check_spec(spec)
     _check_model(spec)
     check_output(spec, force)
     infos = [probe(Path(p)) for p in spec.inputs]
     trims = spec.trims or [None] * len(infos)
     crops = spec.crops or [None] * len(infos)
     plans = plan_clips(infos, [_trim(t) for t in trims], [_crop(c) for c in crops])
+    check_encoder(spec, plans[0].size)
     segments = plan_segments([p.frames for p in plans], spec.segment_frames)
     return Prepared(spec, infos, plans, segments, resolve_precision(spec))
 
@@ -123,6 +131,7 @@ def _check_each_dir(directory: Path) -> None:
 def _check_one_output(spec: JobSpec, out: Path, force: bool) -> None:
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise OutputError(f"{out}: output must end in {', '.join(OUTPUT_SUFFIXES)}")
+    check_name_length(out)
     directory = out.parent if out.parent.is_dir() or spec.each is None else out.parent.parent  # --each makes it
     if not directory.is_dir():
         raise OutputError(f"{out}: directory {out.parent} does not exist")
@@ -472,7 +481,7 @@ def partial_outputs(spec: JobSpec, job_id: str) -> list[Path]:
 
 def _partial(out: Path, job_id: str) -> Path:
     """The temporary name `out` is written under before its rename."""
-    return out.with_name(f".{out.stem}.{job_id}.partial{out.suffix}")
+    return hidden_name(out, job_id)
 
 
 def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool = False,

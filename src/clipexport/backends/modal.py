@@ -286,13 +286,12 @@ def _one_line(text: str) -> str:
 
 
 def preflight(storage_url: str | None, *, weights: str | None = None, gpu: str | None = None) -> RealModalClient:
-    """Everything that can be checked before a job exists, fastest first."""
-    client = RealModalClient()
+    """Everything that can be checked before a job exists: the flags, then the token."""
     check_storage(storage_url)
     if weights is not None:
         raise UsageError("--weights is not supported with --backend modal (the image carries the official weights)")
     check_gpu(gpu)
-    return client
+    return RealModalClient()
 
 
 def check_gpu(gpu: str | None) -> None:

@@ -6,6 +6,7 @@ package docstring, :mod:`clipexport.media`.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -170,10 +171,15 @@ def probe(path: Path) -> ClipInfo:
     if path.is_dir():
         raise InputError(f"{path}: is a directory, not a video file")
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({_reason(exc)})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file ({_file_kind(st.st_mode)}); give a video file")
+    size = st.st_size
     if size == 0:
+        if _has_bytes(path):
+            raise InputError(f"{path}: reports a size of 0 but has content (a /proc or /sys file?), not a video")
         raise InputError(f"{path}: empty file (0 bytes), not a video")
     try:
         return _probe(path, size)
@@ -181,6 +187,23 @@ def probe(path: Path) -> ClipInfo:
         raise
     except Exception as exc:  # the last line of defence: no traceback for a bad file
         raise InputError(f"{path}: not a readable video ({_reason(exc)})") from exc
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def _has_bytes(path: Path) -> bool:
+    """Whether a file of size 0 yields bytes anyway (pseudo files do)."""
+    try:
+        with open(path, "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
 
 
 def _open_input(path: Path) -> Any:

@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clipexport.errors import ModelError, UsageError
+from clipexport.options import env_value
 from clipexport.upscale import precision as _precision
 from clipexport.upscale.archs import SRVGGNetCompact, build, input_multiple
 from clipexport.upscale.registry import ModelSpec, get_spec
@@ -154,11 +155,8 @@ class Upscaler:
         run = self.net if self.dtype == torch.float32 else copy.deepcopy(self.net).to(dtype=self.dtype)
         self._net = run.to(memory_format=_CL)
         self.multiple = input_multiple(net)
-        if tile is None and os.environ.get(ENV_TILE, "").strip():
-            try:
-                tile = int(os.environ[ENV_TILE])
-            except ValueError:
-                raise UsageError(f"{ENV_TILE}={os.environ[ENV_TILE]!r} is not a whole number") from None
+        if tile is None:
+            tile = env_value(ENV_TILE)
         if tile is not None and tile < 0:
             raise UsageError(f"tile size must be >= 0, not {tile}")
         self.tile: int | None = tile

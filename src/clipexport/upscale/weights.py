@@ -57,6 +57,7 @@ from torch import nn
 
 from clipexport import config
 from clipexport.errors import ModelError
+from clipexport.options import env_value
 from clipexport.upscale import ncnn
 from clipexport.upscale.registry import ModelSpec
 
@@ -73,7 +74,6 @@ __all__ = [
 Progress = Callable[[int, "int | None"], None]
 
 ENV_SOURCE = "CLIPEXPORT_WEIGHTS_SOURCE"
-SOURCES = ("auto", "offline", "download")
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 NCNN_FORMAT = "clipexport-ncnn/1"
@@ -94,10 +94,7 @@ def cache_dir() -> Path:
 
 
 def weights_source() -> str:
-    value = (os.environ.get(ENV_SOURCE) or "auto").strip().lower()
-    if value not in SOURCES:
-        raise ModelError(f"{ENV_SOURCE}={value!r} is not one of {', '.join(SOURCES)}")
-    return value
+    return env_value(ENV_SOURCE)
 
 
 # --- reading and fitting checkpoints ---------------------------------------------------
