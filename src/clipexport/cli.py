@@ -123,7 +123,17 @@ def _root(
 
 
 def _say(message: str) -> None:
-    print(f"clipexport: {message}", file=sys.stderr, flush=True)
+    _print(f"clipexport: {message}", sys.stderr)
+
+
+def _print(text: str, stream: Any) -> None:
+    """One line; a reader gone (`| head -1`) silences the stream instead of failing the command."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        from clipexport.progress.display import silence_closed_pipes
+
+        silence_closed_pipes()
 
 
 _QUIET = False  # -q: errors only on stderr
@@ -532,7 +542,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
 
         _note(f"job {record.id} done: {_device_name(spec)}, {prepared.precision}")
         for path in output_paths(spec):
-            print(path, flush=True)
+            _print(str(path), sys.stdout)
     _refit_timing_model(store)
 
 

@@ -21,6 +21,7 @@ knowing which library failed::
     ├── BusyError                   exit 3, another process runs this job or writes this output
     ├── Cancelled                   exit 4, the job was cancelled from another shell
     ├── StateError                  exit 5, the state directory or job store is damaged
+    ├── WriteFailed                 exit 75, disk full or directory gone after work started
     └── Interrupted                 exit 75, stopped and resumable
 
 Messages never contain credentials: they name the file, endpoint or job.
@@ -141,6 +142,17 @@ class StateError(ClipexportError):
     def __init__(self, message: str, *, resumable: bool = False) -> None:
         super().__init__(message)
         self.resumable = resumable
+
+
+class WriteFailed(ClipexportError):
+    """Writing failed after work started (disk full, the directory gone); `resume` can finish.
+
+    The message names the user's path (the output, or the segment store), never a
+    temporary file.
+    """
+
+    exit_code = EXIT_RESUMABLE
+    resumable = True
 
 
 class Interrupted(ClipexportError):

@@ -10,13 +10,15 @@ key, which exists only once complete), the output (renamed into place last).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from clipexport.errors import (
     ModelError,
     OutputError,
     UsageError,
+    WriteFailed,
     EXIT_SIGINT,
 )
 from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore
@@ -292,7 +295,8 @@ class JobRunner:
         emit("phase_start", phase="upscale", unit="frames", total=frames)
         emit("phase_start", phase="encode", unit="frames", total=frames)
         started = time.monotonic()
-        backend.run(tasks, self._relay, self.stop)
+        with write_failures(self.segment_root, "a segment"):
+            backend.run(tasks, self._relay, self.stop)
         bill = getattr(backend, "bill", None)  # a cloud backend's bill goes into `done`
         self._billed = bill() if bill is not None else None
         if self._downloads is not None:
@@ -409,9 +413,10 @@ class JobRunner:
             segments = [s for s in prepared.segments if clip is None or s.clip == clip]
             plans = prepared.plans if clip is None else [prepared.plans[clip]]
             tmp = _partial(out, self.job)
-            concat_and_mux([self.segment_root / self._keys[s.name] for s in segments], plans, tmp)
-            self.store.set_fact(self.job, _output_fact(self.spec, out), file_identity(tmp))  # resume knows it
-            os.replace(tmp, out)
+            with write_failures(out, "the output"):
+                concat_and_mux([self.segment_root / self._keys[s.name] for s in segments], plans, tmp)
+                self.store.set_fact(self.job, _output_fact(self.spec, out), file_identity(tmp))  # resume knows it
+                os.replace(tmp, out)
         if self.storage is not None:
             ProgressChannel(self.storage, channel_prefix(self.job)).clear()
         self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
@@ -443,6 +448,36 @@ class JobRunner:
         event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
         if self.store.fact(self.job, "plan_t") is None:  # a plan written again keeps the job's start
             self.store.set_fact(self.job, "plan_t", event["t"])
+
+
+#: Errors of a write that `resume` can finish once the user has made room or restored a directory.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.ENOENT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                 errno.EIO, errno.ENOTDIR}
+
+
+@contextmanager
+def write_failures(target: Path, what: str) -> Iterator[None]:
+    """A write failing after work started becomes `WriteFailed` (exit 75) naming `target`, not a temp file."""
+    try:
+        yield
+    except (OutputError, OSError) as exc:
+        code = _errno(exc)
+        if code not in _WRITE_ERRNOS and not isinstance(exc, OutputError):
+            raise
+        reason = os.strerror(code) if code is not None else "write error"
+        raise WriteFailed(f"{target}: cannot write {what} ({reason}); make room or restore the directory, "
+                          "then resume") from exc
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno behind an error, looking through the chain of causes (PyAV's errors carry one)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if isinstance(code, int) and code > 0:
+            return code
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def file_identity(path: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import select
 import sys
 import threading
 import time
@@ -93,6 +94,24 @@ def make_display(
     return Display(tracker, clock=clock)
 
 
+def silence_closed_pipes() -> None:
+    """Point stdout and stderr at /dev/null where their reader has gone.
+
+    Later messages (the output path, a last line) and the flush at exit then
+    go nowhere instead of raising BrokenPipeError; a pipe's write end reports
+    POLLERR once its read end is closed.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            if any(flags & select.POLLERR for _, flags in poller.poll(0)):
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 class Display:
     """Feeds the tracker; shows nothing (the "none" mode and the base of the others)."""
 
@@ -102,6 +121,7 @@ class Display:
         self._lock = threading.RLock()
         self._closed = False
         self._stopping = False
+        self._muted = False  # its reader went away: the tracker is still fed, nothing is drawn
 
     def handle(self, event: dict[str, Any]) -> None:
         """Take one event (from any thread)."""
@@ -146,6 +166,17 @@ class Display:
         """The snapshot to draw: once stopping, nothing runs and no time remains."""
         snap = self.tracker.snapshot(now)
         return interrupted(snap) if self._stopping else snap
+
+    def _put(self, stream: IO[str], text: str) -> None:
+        """Write and flush; a reader gone (`| head -1`) mutes the display, never stops the job."""
+        if self._muted:
+            return
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            self._muted = True
+            silence_closed_pipes()
 
     def close(self) -> None:
         with self._lock:
@@ -253,9 +284,8 @@ class JsonDisplay(Display):
         self._emit = emit
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        out = self.stream if self.stream is not None else sys.stdout
-        out.write(json.dumps(event, separators=(",", ":")) + "\n")
-        out.flush()
+        self._put(self.stream if self.stream is not None else sys.stdout,
+                  json.dumps(event, separators=(",", ":")) + "\n")
 
     def tick(self) -> None:
         # The emitter calls our `handle` under its own lock: ask for it with ours released.
@@ -360,8 +390,7 @@ class PlainDisplay(Display):
     def _write(self, now: float, text: str) -> None:
         stamp = datetime.fromtimestamp(now, self.tz).strftime("%H:%M:%S")
         out = self.stream if self.stream is not None else sys.stderr
-        out.write(f"{stamp}  {text}\n")
-        out.flush()
+        self._put(out, f"{stamp}  {text}\n")
 
     def _on_event(self, event: dict[str, Any]) -> None:
         now = self.clock()
@@ -404,7 +433,7 @@ class PlainDisplay(Display):
             where = [f"done → {snap.message}"] if snap.message else ["done"]
             self._write(now, " · ".join(["100%", *where, *summary_parts(snap)]))
         elif snap.state == "error":
-            self._write(now, f"failed after {clock(snap.elapsed)}: {snap.message or 'unknown error'}")
+            self._write(now, f"failed after {clock(snap.elapsed)}")  # the CLI prints the message, once
         elif snap.state == "cancelled":
             self._write(now, f"cancelled after {clock(snap.elapsed)}")
         else:
