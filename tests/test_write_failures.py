@@ -110,3 +110,71 @@ def test_output_directory_gone_after_the_work_is_resumable(tmp_path, capsys):
     code, stdout, stderr = run_main(["resume", record.id, "--progress", "none"], capsys)
     assert code == 0, stderr
     assert frame_count(out) == 6
+
+
+class _FailsAfter:
+    """The real upscaler, failing with torch's own error once `after` frames came out (as OOM does mid-job)."""
+
+    def __init__(self, inner, after: int, error: BaseException) -> None:
+        self.inner, self.after, self.error, self.scale = inner, after, error, inner.scale
+        self.frames = 0
+
+    def stream(self, frames, *, batch: int = 4):  # noqa: ANN001, ANN201
+        for frame in self.inner.stream(frames, batch=batch):
+            if self.frames == self.after:
+                raise self.error
+            self.frames += 1
+            yield frame
+
+
+def test_out_of_memory_mid_job_is_a_resumable_backend_error(tmp_path, capsys):
+    import torch
+
+    from clipexport.backends.local import LocalBackend
+    from clipexport.errors import BackendError
+    from clipexport.upscale import load_upscaler
+
+    clip = make_clip(tmp_path / "in.mp4", frames=6, width=64, height=36)
+    out = tmp_path / "out.mp4"
+    spec = JobSpec(inputs=[str(clip)], output=str(out), model="realesr-animevideov3", scale=2, segment_frames=3)
+    store = JobStore(config.state_dir())
+    record = store.create(spec)
+    root = config.data_dir() / "store"
+
+    def loader(on_bytes):  # noqa: ANN001, ANN202
+        oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return _FailsAfter(load_upscaler(spec.model, scale=2, device="cpu"), 4, oom)
+
+    runner = JobRunner(store, record, segment_root=root, backend_factory=lambda s, job: LocalBackend(loader, root))
+    with pytest.raises(BackendError) as failed:
+        runner.run(prepare_job(spec))
+
+    assert failed.value.resumable and str(failed.value).startswith("out of memory in seg-0002 (CUDA out of memory")
+    [logged] = [e for e in events_of(store, record.id) if e["type"] == "error"]
+    assert logged["resumable"] is True and logged["message"] == str(failed.value)
+    assert store.get(record.id).state == JobState.FAILED
+    code, stdout, stderr = run_main(["resume", record.id, "--progress", "none"], capsys)
+    assert code == 0, stderr
+    assert frame_count(out) == 6
+    skipped = {e["part"] for e in events_of(store, record.id) if e.get("skipped")}
+    assert skipped == {"seg-0001"}  # the segment finished before the failure was not redone
+
+
+def events_of(store: JobStore, job: str) -> list[dict]:
+    from clipexport import events
+
+    return list(events.read_events(store.log_path(job)))
+
+
+@pytest.mark.parametrize(("error", "says"), [
+    (RuntimeError("Input type (float) and bias type (c10::Half) should be the same\nmore"),
+     "the model failed in seg-0003: RuntimeError: Input type (float) and bias type (c10::Half) should be the same"),
+    (MemoryError(), "out of memory in seg-0003 (MemoryError)"),
+])
+def test_model_errors_become_one_line_resumable_backend_errors(error, says):
+    from clipexport.backends.local import model_errors
+    from clipexport.errors import BackendError
+
+    with pytest.raises(BackendError) as failed, model_errors("seg-0003"):
+        raise error
+    assert str(failed.value).startswith(says) and "\n" not in str(failed.value) and failed.value.resumable

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from clipexport.backends.base import EmitFn
 from clipexport.backends.probe import probe_speed
-from clipexport.errors import Interrupted
+from clipexport.errors import BackendError, ClipexportError, Interrupted
 from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment
 
@@ -45,15 +46,17 @@ class LocalBackend:
     def run(self, tasks: Sequence[SegmentTask], emit: EmitFn, stop: threading.Event) -> None:
         if not tasks:
             return
-        upscaler = self._load(emit, tasks[0].clip.size)
+        with model_errors():
+            upscaler = self._load(emit, tasks[0].clip.size)
         for task in tasks:
             if stop.is_set():
                 raise Interrupted("stopped before all segments were done")
-            if self._storage is None:
-                for event in run_segment(task, upscaler, self.root / task.key):
-                    emit(event)
-            else:
-                self._run_to_store(task, upscaler, emit)
+            with model_errors(task.segment.name):
+                if self._storage is None:
+                    for event in run_segment(task, upscaler, self.root / task.key):
+                        emit(event)
+                else:
+                    self._run_to_store(task, upscaler, emit)
 
     def _run_to_store(self, task: SegmentTask, upscaler: FrameUpscaler, emit: EmitFn) -> None:
         """Fragments stay here until the segment is in the store: a kill before that loses none."""
@@ -113,6 +116,27 @@ class LocalBackend:
         precision = getattr(self._upscaler, "precision", None)  # the one the loaded model runs in
         emit({**end, "precision": precision} if precision else end)
         return self._upscaler
+
+
+@contextmanager
+def model_errors(segment: str | None = None) -> Iterator[None]:
+    """torch's failures become BackendError at this boundary: a message, exit 75, and `resume` helps.
+
+    Out of memory (CUDA or CPU) and a RuntimeError from the model are resumable:
+    the finished segments are kept and a resume retries the rest (after freeing
+    memory, or with a smaller CLIPEXPORT_TILE, or on another device).
+    """
+    where = segment or "loading the model"
+    try:
+        yield
+    except (ClipexportError, KeyboardInterrupt):
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+            raise BackendError(f"out of memory in {where} ({first}); free memory or set CLIPEXPORT_TILE=256, "
+                               "then resume", resumable=True) from exc
+        raise BackendError(f"the model failed in {where}: {type(exc).__name__}: {first}", resumable=True) from exc
 
 
 def _heartbeat(download: dict[str, Any]) -> dict[str, Any]:
