@@ -101,6 +101,8 @@ def make_clip(
     faststart: bool = False,
     gop: int | None = None,
     solid: int | None = None,
+    sar: Fraction | None = None,
+    audio_tracks: int = 1,
 ) -> Path:
     """Write a real clip to ``path`` (container from the suffix) and return the path.
 
@@ -114,6 +116,9 @@ def make_clip(
       variable-frame-rate clip (millisecond time base); ``frames`` is ignored.
     * ``gop``: keyframe interval (x264 ``keyint``), to make seeking matter.
     * ``solid``: every frame one flat grey of this value (overrides ``index_blocks``).
+    * ``sar``: sample (pixel) aspect ratio written into the stream, e.g. 2 for
+      pixels twice as wide as high (anamorphic video).
+    * ``audio_tracks``: how many audio streams; track k plays ``tone * (k + 1)``.
     """
     path = Path(path)
     fps = Fraction(fps)
@@ -129,6 +134,8 @@ def make_clip(
     if codec in ("hevc", "libx265"):
         opts["x265-params"] = "log-level=error"
     stream.codec_context.options = opts
+    if sar is not None:
+        stream.codec_context.sample_aspect_ratio = Fraction(sar)
     if rotation:
         stream.set_display_rotation(-rotation)  # PyAV takes counter-clockwise degrees
     if frame_times is not None:
@@ -144,10 +151,11 @@ def make_clip(
         pts_list = list(range(frames))
         count = frames
         duration = Fraction(frames) / fps
-    astream = None
-    if audio:
+    astreams = []
+    for _ in range(audio_tracks if audio else 0):
         astream = container.add_stream(audio_codec, rate=audio_rate, layout=audio_layout)
         astream.codec_context.bit_rate = 96000
+        astreams.append(astream)
     def video_frames():
         for i in range(count):
             if solid is not None:
@@ -160,9 +168,10 @@ def make_clip(
             yield frame
 
     _encode_all(container, stream, video_frames())
-    if astream is not None:
+    for k, astream in enumerate(astreams):
         samples = round(duration * audio_rate)
-        _encode_all(container, astream, _audio_frames(samples, audio_rate, audio_layout, tone, audio_codec, tone_start))
+        _encode_all(container, astream,
+                    _audio_frames(samples, audio_rate, audio_layout, tone * (k + 1), audio_codec, tone_start))
     container.close()
     return path
 

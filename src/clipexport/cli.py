@@ -305,7 +305,13 @@ def render(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Upscale INPUT... (or the clips of --spec) into one OUTPUT with the original audio.
+    """Upscale INPUT... (or the clips of --spec) into one OUTPUT with every audio track of the inputs.
+    Audio: every track is kept (.mp4, .mov and .mkv all hold several),
+    copied when one whole clip's track fits the container, else encoded as
+    AAC; where one input has fewer tracks than another, its part of the
+    missing track is silence. Non-square pixels come out square at the
+    display aspect (a 720x480 clip with 32:27 pixels renders as 853x480
+    before scaling).
 
     Progress goes to stderr; at the end the output path alone goes to stdout
     (with --json, the events go to stdout instead).

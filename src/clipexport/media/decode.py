@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ClipexportError, InputError
 from ._util import _AV_ERRORS, _reason
-from .plan import ClipPlan
+from .plan import ClipPlan, display_size
 from .probe import _open_input, _video_stream
 
 
@@ -54,7 +54,8 @@ class _Converter:
         self.size = plan.size
         src = (plan.crop.width, plan.crop.height) if plan.crop else (plan.info.width, plan.info.height)
         self.src_size = src
-        self.fit = _fit(src, plan.size) if src != plan.size else None
+        self.sar = plan.info.sar
+        self.fit = None if src == plan.size and self.sar == 1 else _fit(display_size(src, self.sar), plan.size)
 
     def __call__(self, frame: Any) -> np.ndarray:
         kwargs: dict[str, Any] = {"format": "rgb24"}
@@ -68,7 +69,7 @@ class _Converter:
             arr = arr[c.y : c.y + c.height, c.x : c.x + c.width]
         if arr.shape[1] != self.src_size[0] or arr.shape[0] != self.src_size[1]:
             # The stream changed size mid-way (or the display size lied): fit what we got.
-            self.fit = _fit((arr.shape[1], arr.shape[0]), self.size)
+            self.fit = _fit(display_size((arr.shape[1], arr.shape[0]), self.sar), self.size)
         if self.fit is not None:
             w, h, x, y = self.fit
             scaled = _resize(arr, w, h)

@@ -232,15 +232,16 @@ def _audio_span(a: Any) -> tuple[Fraction, Fraction] | None:
     return None
 
 
-def _copy_audio_ok(plan: ClipPlan, fmt: str) -> bool:
-    """One clip, untrimmed, codec fits the container, and its audio spans the video within a frame."""
+def _copy_audio_ok(plan: ClipPlan, fmt: str, track: int) -> bool:
+    """One clip, untrimmed, the track's codec fits the container, and it spans the video within a frame."""
     info = plan.info
-    if plan.trim is not None or plan.start_frame != 0 or not _audio_fits(info.audio_codec, fmt):
+    if plan.trim is not None or plan.start_frame != 0 or track >= info.audio_tracks:
         return False
     with _open_input(info.path) as container:
-        if not container.streams.audio:
+        a = container.streams.audio[track]
+        if not _audio_fits(a.codec_context.name if a.codec_context else None, fmt):
             return False
-        span = _audio_span(container.streams.audio[0])
+        span = _audio_span(a)
         if span is None:
             return False
         origin = _origin(container, _video_stream(container))
@@ -248,9 +249,9 @@ def _copy_audio_ok(plan: ClipPlan, fmt: str) -> bool:
     return span[0] - origin <= frame and span[1] - origin >= plan.duration - frame
 
 
-def _copied_audio(container: Any, aout: Any, plan: ClipPlan) -> Iterator[Any]:
-    """The clip's audio packets unchanged, re-timed to the video's origin, cut at the video's end."""
-    a = container.streams.audio[0]
+def _copied_audio(container: Any, aout: Any, plan: ClipPlan, track: int) -> Iterator[Any]:
+    """The clip's audio packets of one track unchanged, re-timed to the video's origin, cut at the video's end."""
+    a = container.streams.audio[track]
     tb = Fraction(a.time_base)
     shift = round(_origin(container, _video_stream(container)) / tb)
     end = plan.duration
@@ -295,7 +296,7 @@ class _Window:
         return arr
 
 
-def _clip_pcm(plan: ClipPlan, rate: int, layout: str, nsamples: int) -> Iterator[np.ndarray]:
+def _clip_pcm(plan: ClipPlan, rate: int, layout: str, nsamples: int, track: int = 0) -> Iterator[np.ndarray]:
     """Exactly ``nsamples`` float32 (channels, n) samples of the clip's audio from its output start.
 
     Source audio is decoded from the clip's start (video origin + plan.start_time),
@@ -305,12 +306,12 @@ def _clip_pcm(plan: ClipPlan, rate: int, layout: str, nsamples: int) -> Iterator
     channels = 1 if layout == "mono" else 2
     if nsamples <= 0:
         return
-    if not plan.info.has_audio:
+    if track >= plan.info.audio_tracks:
         yield from _silence(channels, nsamples)
         return
     path = plan.info.path
     with _open_input(path) as container:
-        a = container.streams.audio[0]
+        a = container.streams.audio[track]
         start = _origin(container, _video_stream(container)) + plan.start_time
         try:
             if start > 1:
@@ -382,21 +383,21 @@ def _pcm(frame: Any, channels: int) -> np.ndarray:
     return np.asarray(frame.to_ndarray(), dtype=np.float32).reshape(channels, -1)
 
 
-def _audio_params(plans: list[ClipPlan]) -> tuple[int, str]:
-    """Output rate and layout for AAC: the first clip with audio's rate (if AAC allows it), mono or stereo."""
+def _audio_params(plans: list[ClipPlan], track: int) -> tuple[int, str]:
+    """Output rate and layout for AAC: the first clip with the track's rate (if AAC allows it), mono or stereo."""
     for plan in plans:
-        if not plan.info.has_audio:
+        if track >= plan.info.audio_tracks:
             continue
         with _open_input(plan.info.path) as container:
-            a = container.streams.audio[0]
+            a = container.streams.audio[track]
             rate = a.codec_context.sample_rate or 48000
             channels = a.codec_context.layout.nb_channels if a.codec_context.layout else 2
         return (rate if rate in _AAC_RATES else 48000), ("mono" if channels == 1 else "stereo")
     return 48000, "stereo"
 
 
-def _encoded_audio(plans: list[ClipPlan], aout: Any, rate: int, layout: str) -> Iterator[Any]:
-    """AAC packets of every clip's audio for exactly its output duration, back to back.
+def _encoded_audio(plans: list[ClipPlan], aout: Any, rate: int, layout: str, track: int) -> Iterator[Any]:
+    """AAC packets of one audio track of every clip for exactly its output duration, back to back.
 
     Clip i covers samples round(B_i * rate) .. round(E_i * rate) where B_i/E_i are
     its exact start/end on the output timeline, so no drift accumulates.
@@ -406,7 +407,7 @@ def _encoded_audio(plans: list[ClipPlan], aout: Any, rate: int, layout: str) -> 
     for plan in plans:
         end = begin + plan.duration
         n = round(end * rate) - round(begin * rate)
-        for arr in _clip_pcm(plan, rate, layout, n):
+        for arr in _clip_pcm(plan, rate, layout, n, track):
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format="fltp", layout=layout)
             frame.sample_rate = rate
             frame.pts = pts
@@ -415,6 +416,20 @@ def _encoded_audio(plans: list[ClipPlan], aout: Any, rate: int, layout: str) -> 
             yield from aout.encode(frame)
         begin = end
     yield from aout.encode(None)
+
+
+def _audio_track(out_c: Any, plans: list[ClipPlan], track: int, mode: str, opened: list[Any]) -> Iterator[Any]:
+    """Add one output audio track and return its packets: copied from the one clip, or encoded as AAC."""
+    if mode == "copy":
+        source = _open_input(plans[0].info.path)
+        opened.append(source)
+        aout = out_c.add_stream_from_template(source.streams.audio[track])
+        return _copied_audio(source, aout, plans[0], track)
+    rate, layout = _audio_params(plans, track)
+    aout = out_c.add_stream("aac", rate=rate, layout=layout)
+    aout.codec_context.bit_rate = 192_000 if layout == "stereo" else 128_000
+    aout.time_base = Fraction(1, rate)
+    return _encoded_audio(plans, aout, rate, layout, track)
 
 
 def concat_and_mux(
@@ -433,7 +448,9 @@ def concat_and_mux(
     codec, size and codec parameters (as one VideoWriter configuration makes
     them); the total frame count must equal the plans' (SegmentError otherwise).
 
-    Audio, aligned with the video (each clip's audio starts with its first
+    Audio, every track of the inputs (the output has as many audio tracks as
+    the input with the most; track i of a clip that has fewer is silence),
+    each aligned with the video (each clip's audio starts with its first
     output frame and lasts exactly its output duration):
 
     * **copied** (packets unchanged) when there is one clip, untrimmed, whose
@@ -475,9 +492,8 @@ def concat_and_mux(
     if known and counted != total:
         raise SegmentError(f"{out}: the segments hold {counted} frames, the plan expects {total}")
 
-    audio_mode: str | None = None
-    if any(p.info.has_audio for p in plans):
-        audio_mode = "copy" if len(plans) == 1 and _copy_audio_ok(plans[0], fmt) else "aac"
+    tracks = max(p.info.audio_tracks for p in plans)
+    audio_modes = ["copy" if len(plans) == 1 and _copy_audio_ok(plans[0], fmt, t) else "aac" for t in range(tracks)]
 
     options = {"movflags": "+faststart"} if (faststart and fmt in ("mp4", "mov")) else {}
     try:
@@ -485,22 +501,14 @@ def concat_and_mux(
     except _AV_ERRORS as exc:
         raise OutputError(f"{out}: cannot create ({_reason(exc)})") from exc
 
-    source: Any = None
+    opened: list[Any] = []  # the inputs copied tracks are read from, one container each
     ok = False
     try:
         counter = [0]
         sources: list[Iterator[Any]] = [_copied_video(segments, out_c, fps, counter)]
         vindex = out_c.streams.video[0].index
-        if audio_mode == "copy":
-            source = _open_input(plans[0].info.path)
-            aout = out_c.add_stream_from_template(source.streams.audio[0])
-            sources.append(_copied_audio(source, aout, plans[0]))
-        elif audio_mode == "aac":
-            rate, layout = _audio_params(plans)
-            aout = out_c.add_stream("aac", rate=rate, layout=layout)
-            aout.codec_context.bit_rate = 192_000 if layout == "stereo" else 128_000
-            aout.time_base = Fraction(1, rate)
-            sources.append(_encoded_audio(plans, aout, rate, layout))
+        for track, mode in enumerate(audio_modes):
+            sources.append(_audio_track(out_c, plans, track, mode, opened))
         try:
             out_c.start_encoding()
         except _AV_ERRORS as exc:
@@ -522,7 +530,7 @@ def concat_and_mux(
     except _AV_ERRORS as exc:
         raise OutputError(f"{out}: joining the segments failed ({_reason(exc)})") from exc
     finally:
-        if source is not None:
+        for source in opened:
             source.close()
         if not ok:
             try:

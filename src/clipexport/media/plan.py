@@ -148,6 +148,21 @@ class ClipPlan:
 _EPS = Fraction(1, 10**6)  # in frames: guards float error at exact frame boundaries
 
 
+def display_size(size: tuple[int, int], sar: Fraction) -> tuple[int, int]:
+    """The size in square pixels that shows `size` pixels of aspect `sar` as a player would.
+
+    Non-square pixels are never squeezed: the output has square pixels at the
+    display aspect, widening (sar > 1) or heightening (sar < 1) so that no
+    source pixel is lost.
+    """
+    width, height = size
+    if sar > 1:
+        return max(1, round(width * sar)), height
+    if sar < 1:
+        return width, max(1, round(height / sar))
+    return width, height
+
+
 def plan_clips(
     infos: list[ClipInfo],
     trims: list[tuple[float, float] | None],
@@ -155,7 +170,8 @@ def plan_clips(
 ) -> list[ClipPlan]:
     """Place each clip on the output timeline.
 
-    The output size and fps are the first clip's (after its crop). Other clips
+    The output size and fps are the first clip's (after its crop, in square
+    pixels at its display aspect: see :func:`display_size`). Other clips
     are resampled to that fps by pts (module docstring) and scaled to fit that
     size keeping their aspect ratio, centred on black (letterbox/pillarbox)
     when the aspect differs; when it matches this is a plain resize.
@@ -183,7 +199,8 @@ def plan_clips(
             raise UsageError(f"{info.path}: crop {crop} lies outside the {info.width}x{info.height} frame")
 
     first, first_crop = infos[0], crops[0]
-    size = (first_crop.width, first_crop.height) if first_crop else (first.width, first.height)
+    size = display_size((first_crop.width, first_crop.height) if first_crop else (first.width, first.height),
+                        first.sar)
     fps_t = first.fps
 
     plans: list[ClipPlan] = []

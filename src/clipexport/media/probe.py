@@ -41,6 +41,8 @@ class ClipInfo:
     audio_codec: str | None
     size_bytes: int
     codec: str
+    sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio on the display axes; 2 = pixels twice as wide
+    audio_tracks: int = 0  # audio streams the file holds (has_audio and audio_codec describe the first)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (fps as "num/den")."""
@@ -56,6 +58,8 @@ class ClipInfo:
             "audio_codec": self.audio_codec,
             "size_bytes": self.size_bytes,
             "codec": self.codec,
+            "sar": f"{self.sar.numerator}/{self.sar.denominator}",
+            "audio_tracks": self.audio_tracks,
         }
 
     @classmethod
@@ -72,6 +76,8 @@ class ClipInfo:
             audio_codec=data.get("audio_codec"),
             size_bytes=int(data["size_bytes"]),
             codec=str(data["codec"]),
+            sar=Fraction(data.get("sar", "1")),
+            audio_tracks=int(data.get("audio_tracks", 1 if data["has_audio"] else 0)),
         )
 
 
@@ -206,6 +212,15 @@ def _has_bytes(path: Path) -> bool:
         return False
 
 
+def _sample_aspect(stream: Any) -> Fraction:
+    """The stream's pixel aspect ratio; 1 when unset (0/1) or absurd."""
+    ctx = stream.codec_context
+    value = stream.sample_aspect_ratio or (ctx.sample_aspect_ratio if ctx is not None else None)
+    if not value or not (Fraction(1, 16) <= Fraction(value) <= 16):
+        return Fraction(1)
+    return Fraction(value)
+
+
 def _open_input(path: Path) -> Any:
     try:
         return av.open(str(path), metadata_errors="replace")
@@ -228,6 +243,7 @@ def _probe(path: Path, size: int) -> ClipInfo:
         audio = container.streams.audio[0] if container.streams.audio else None
         has_audio = audio is not None and audio.codec_context is not None
         audio_codec = audio.codec_context.name if has_audio else None
+        audio_tracks = sum(1 for a in container.streams.audio if a.codec_context is not None) if has_audio else 0
         vindex = v.index
         coded_w, coded_h = (ctx.width, ctx.height) if ctx is not None else (0, 0)
 
@@ -288,8 +304,9 @@ def _probe(path: Path, size: int) -> ClipInfo:
         ccw = first.rotation or 0
         rotation = int(round(-float(ccw) / 90.0)) * 90 % 360
         width, height = coded_w or first.width, coded_h or first.height
+        sar = _sample_aspect(v)
     if rotation in (90, 270):
-        width, height = height, width
+        width, height, sar = height, width, 1 / sar
     return ClipInfo(
         path=path,
         width=int(width),
@@ -302,4 +319,6 @@ def _probe(path: Path, size: int) -> ClipInfo:
         audio_codec=audio_codec,
         size_bytes=size,
         codec=codec,
+        sar=sar,
+        audio_tracks=audio_tracks,
     )

@@ -1,0 +1,69 @@
+"""Good inputs come out faithfully: real clips through the real render."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import pytest
+
+from clipexport import cli
+from clipexport.media import probe
+from tests.clips import make_clip, read_index
+
+
+def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(argv)
+    out, err = capsys.readouterr()
+    return stopped.value.code, out, err
+
+
+def video_of(path: Path) -> tuple[list[int], tuple[int, int], Fraction]:
+    """Frame indices, size and pixel aspect of an output's video."""
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        sar = Fraction(video.sample_aspect_ratio or 1)
+        images = [f.to_ndarray(format="rgb24") for f in container.decode(video)]
+    return [read_index(i) for i in images], (images[0].shape[1], images[0].shape[0]), sar
+
+
+def test_non_square_pixels_keep_the_display_aspect(tmp_path, capsys):
+    """64x36 pixels twice as wide as high show as 128x36: x2 gives 256x72 square pixels, not a squeeze."""
+    clip = make_clip(tmp_path / "anamorphic.mp4", frames=6, width=64, height=36, sar=Fraction(2), audio=False)
+    assert probe(clip).sar == 2
+    out = tmp_path / "out.mp4"
+
+    code, _, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none"], capsys)
+
+    assert code == 0, stderr
+    indices, size, sar = video_of(out)
+    assert size == (256, 72) and sar in (0, 1)
+    assert indices == list(range(6))  # the index bands sit where they were: no pillarbox, no squeeze
+
+
+def audio_tracks_of(path: Path) -> list[tuple[str, float]]:
+    """(codec, seconds of decoded samples) of each audio track."""
+    tracks = []
+    with av.open(str(path)) as container:
+        for stream in container.streams.audio:
+            samples = sum(f.samples for f in container.decode(stream))
+            tracks.append((stream.codec_context.name, samples / stream.codec_context.sample_rate))
+            container.seek(0)
+    return tracks
+
+
+@pytest.mark.parametrize("trim", [None, "0-0.25"], ids=["copied", "encoded"])
+def test_every_audio_track_is_kept(trim, tmp_path, capsys):
+    clip = make_clip(tmp_path / "two.mp4", frames=12, width=64, height=36, audio_tracks=2)
+    out = tmp_path / "out.mkv"
+    args = ["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none"]
+
+    code, _, stderr = run_main(args + (["--trim", trim] if trim else []), capsys)
+
+    assert code == 0, stderr
+    seconds = 0.25 if trim else 0.5
+    tracks = audio_tracks_of(out)
+    assert len(tracks) == 2, tracks
+    assert all(codec == "aac" and abs(length - seconds) < 0.05 for codec, length in tracks), tracks
