@@ -465,8 +465,7 @@ def write_failures(target: Path, what: str) -> Iterator[None]:
         if code not in _WRITE_ERRNOS and not isinstance(exc, OutputError):
             raise
         reason = os.strerror(code) if code is not None else "write error"
-        raise WriteFailed(f"{target}: cannot write {what} ({reason}); make room or restore the directory, "
-                          "then resume") from exc
+        raise WriteFailed(f"{target}: cannot write {what} ({reason}); make room or restore the directory") from exc
 
 
 def _errno(exc: BaseException) -> int | None:
