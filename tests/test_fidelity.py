@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -35,9 +36,11 @@ def test_non_square_pixels_keep_the_display_aspect(tmp_path, capsys):
     assert probe(clip).sar == 2
     out = tmp_path / "out.mp4"
 
-    code, _, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none"], capsys)
+    args = ["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none", "--strict"]
 
-    assert code == 0, stderr
+    code, _, stderr = run_main(args, capsys)
+
+    assert code == 0 and "could not be decoded" not in stderr, stderr  # a clean clip: nothing to report
     indices, size, sar = video_of(out)
     assert size == (256, 72) and sar in (0, 1)
     assert indices == list(range(6))  # the index bands sit where they were: no pillarbox, no squeeze
@@ -67,3 +70,38 @@ def test_every_audio_track_is_kept(trim, tmp_path, capsys):
     tracks = audio_tracks_of(out)
     assert len(tracks) == 2, tracks
     assert all(codec == "aac" and abs(length - seconds) < 0.05 for codec, length in tracks), tracks
+
+
+def make_damaged(path: Path) -> Path:
+    """30 frames (keyframe every 5) with 600 bytes overwritten a third of the way into the video data."""
+    clip = make_clip(path.with_name("whole.mp4"), frames=30, width=64, height=36, audio=False, gop=5)
+    data = bytearray(clip.read_bytes())
+    start = data.find(b"mdat") + 8 + (len(data) - data.find(b"mdat")) // 3
+    data[start:start + 600] = bytes((k * 7919) & 0xFF for k in range(start, start + 600))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_undecodable_frames_are_reported_once_and_fatal_with_strict(tmp_path, capsys):
+    clip = make_damaged(tmp_path / "damaged.mp4")
+    out = tmp_path / "out.mp4"
+    args = ["render", str(clip), "-o", str(out), "--scale", "2", "--segment-frames", "15", "--progress", "none"]
+
+    code, _, stderr = run_main(args, capsys)
+
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "could not be decoded" in line]
+    assert len(warnings) == 1, stderr
+    found = re.fullmatch(r"clipexport: warning: (\d+) frames could not be decoded \((\d\d:\d\d)–(\d\d:\d\d)\); "
+                         r"they were repeated from the previous frame", warnings[0])
+    assert found and 0 < int(found[1]) < 30 and found[2] <= found[3], warnings[0]
+    assert len(video_of(out)[0]) == 30  # the output keeps its length (and its audio alignment)
+
+    strict = tmp_path / "strict.mp4"  # the segments are reused; their damage is remembered beside them
+    code, _, stderr = run_main([*args[:3], str(strict), *args[4:], "--strict"], capsys)
+
+    assert code == 1, stderr
+    [line] = [line for line in stderr.splitlines() if "could not be decoded" in line]
+    assert line.startswith(f"clipexport: error: {found[1]} frames could not be decoded") and "--strict" in line
+    assert not strict.exists()
+

@@ -297,6 +297,9 @@ def render(
     gpu: Annotated[Optional[str], typer.Option(metavar="TYPE", rich_help_panel=CLOUD,
                                                help="Pin one GPU type for the modal backend (default: the "
                                                     "deployment's list, L4 then A10G then T4).")] = None,
+    strict: Annotated[bool, typer.Option("--strict", rich_help_panel=INPUT,
+                                         help="Fail if any input frame cannot be decoded (by default it is "
+                                              "repeated from the previous frame, with a warning).")] = False,
     estimate: Annotated[bool, typer.Option("--estimate", rich_help_panel=DISPLAY,
                                            help="Print the estimated time per phase; run nothing.")] = False,
     json_out: JsonOpt = False,
@@ -330,6 +333,7 @@ def render(
         settings = config.load_settings({k: v for k, v in flags.items() if k not in ("weights", "output", "each")})
         spec = _spec(inputs or [], output, settings, weights, trim, crop,
                      overlays=None if reel is None else [c.overlays for c in reel.clips], each=each)
+        spec = dataclasses.replace(spec, strict=strict)
         from clipexport.orchestrator import check_output, prepare_job
 
         if reel is not None:
@@ -543,6 +547,8 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
         except ClipexportError as exc:
             exc.job = record.id  # type: ignore[attr-defined]  # names the job in the one-line message
             raise
+    if runner.damage is not None:
+        _say(f"warning: {runner.damage}")
     if mode != "json":
         from clipexport.orchestrator import output_paths
 

@@ -22,6 +22,7 @@ knowing which library failed::
     ├── Cancelled                   exit 4, the job was cancelled from another shell
     ├── StateError                  exit 5, the state directory or job store is damaged
     ├── WriteFailed                 exit 75, disk full or directory gone after work started
+    ├── DamagedInput                frames could not be decoded and --strict was given
     └── Interrupted                 exit 75, stopped and resumable
 
 Messages never contain credentials: they name the file, endpoint or job.
@@ -153,6 +154,10 @@ class WriteFailed(ClipexportError):
 
     exit_code = EXIT_RESUMABLE
     resumable = True
+
+
+class DamagedInput(ClipexportError):
+    """`--strict`: some input frames could not be decoded; no output is written."""
 
 
 class Interrupted(ClipexportError):

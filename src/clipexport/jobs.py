@@ -70,6 +70,7 @@ class JobSpec:
     overlays: list[list[dict[str, Any]]] = field(default_factory=list)  # per input; see clipexport.overlay
     each: str | None = None  # a directory: each input to its own file there (`output` is that directory)
     precision: str = "auto"
+    strict: bool = False  # frames that cannot be decoded fail the job instead of repeating the previous one
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

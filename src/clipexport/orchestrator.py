@@ -11,6 +11,7 @@ key, which exists only once complete), the output (renamed into place last).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from clipexport.errors import (
     BusyError,
     Cancelled,
     ClipexportError,
+    DamagedInput,
     InputError,
     Interrupted,
     JobLookupError,
@@ -246,6 +248,7 @@ class JobRunner:
             record.id, [self._log, events.log_sink, self._remember_seq, *sinks], next_seq=next_seq
         )
         self.stop = threading.Event()
+        self.damage: str | None = None  # one line on frames that could not be decoded, once the segments ran
 
     def _remember_seq(self, event: events.Event) -> None:
         """Store seq and fraction at phase changes (and at the end), not per frame."""
@@ -304,13 +307,23 @@ class JobRunner:
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
+        self.damage = damage_report(prepared, self.store.facts(self.job, "segment:"))
+        if self.damage is not None and self.spec.strict:
+            raise DamagedInput(self.damage.replace("they were repeated from the previous frame",
+                                                   "--strict makes that fatal"))
         self._finalize(prepared)
 
     def _relay(self, partial: dict[str, Any]) -> None:
         """Backend events enter the job's stream here; segment ends are facts."""
         event = self.emitter.emit(partial)
         if event["type"] == "phase_end" and event.get("phase") == "encode" and "part" in event:
-            self.store.set_fact(self.job, f"segment:{event['part']}", {"attempt": event.get("attempt", 1)})
+            damaged = event.get("damaged") or []
+            self.store.set_fact(self.job, f"segment:{event['part']}", {"attempt": event.get("attempt", 1),
+                                                                       "damaged": damaged})
+            if damaged:  # beside the segment, for a later job that reuses it
+                note = damage_note(self.segment_root, self._keys[event["part"]])
+                note.parent.mkdir(parents=True, exist_ok=True)
+                note.write_text(json.dumps(damaged), encoding="utf-8")
             if self._downloads is not None:
                 self._downloads.add(event["part"], self._keys[event["part"]])
 
@@ -396,6 +409,10 @@ class JobRunner:
 
     def _count_finished(self, seg: Segment) -> None:
         attempt = self.store.fact(self.job, f"attempt:{seg.name}") or 1
+        note = damage_note(self.segment_root, self._keys[seg.name])
+        if note.is_file() and self.store.fact(self.job, f"segment:{seg.name}") is None:
+            self.store.set_fact(self.job, f"segment:{seg.name}",
+                                {"attempt": attempt, "damaged": json.loads(note.read_text(encoding="utf-8"))})
         for phase in ("upscale", "encode"):
             self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
                          attempt=attempt, skipped=True)
@@ -477,6 +494,29 @@ def _errno(exc: BaseException) -> int | None:
             return code
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def damage_note(segment_root: Path, key: str) -> Path:
+    """Where a segment's undecodable frames are noted, beside the segment itself."""
+    return segment_root / f"{key}.damaged.json"
+
+
+def damage_report(prepared: Prepared, facts: dict[str, Any]) -> str | None:
+    """One line on the output frames that repeat an undecodable one, from the segments' facts."""
+    fps = prepared.plans[0].fps
+    offsets = [sum(p.frames for p in prepared.plans[:i]) for i in range(len(prepared.plans))]
+    frames = sorted(offsets[seg.clip] + k for seg in prepared.segments
+                    for k in (facts.get(f"segment:{seg.name}") or {}).get("damaged", []))
+    if not frames:
+        return None
+    span = f"{_mmss(frames[0] / fps)}–{_mmss((frames[-1] + 1) / fps)}"
+    count = f"{len(frames)} frame{'s' if len(frames) != 1 else ''}"
+    return f"{count} could not be decoded ({span}); they were repeated from the previous frame"
+
+
+def _mmss(seconds: Any) -> str:
+    whole = int(seconds)
+    return f"{whole // 60:02d}:{whole % 60:02d}" if whole < 3600 else f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def file_identity(path: Path) -> dict[str, int]:
@@ -566,6 +606,7 @@ def _purge_segments(store: JobStore, job_id: str, segment_root: Path) -> int:
     mine = set(store.facts(job_id, "segkey:").values())
     for key in mine - needed:
         (segment_root / key).unlink(missing_ok=True)
+        damage_note(segment_root, key).unlink(missing_ok=True)
     return len(mine & needed)
 
 

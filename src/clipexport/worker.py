@@ -185,7 +185,8 @@ def run_segment(
     started = clock()
     yield {"type": "phase_start", "phase": "upscale", **common, "done": kept}
     yield {"type": "phase_start", "phase": "encode", **common, "done": kept}
-    done = yield from _encode_fragments(task, upscaler, fragments, kept, common, clock)
+    damaged: list[int] = []  # output frames of the clip that repeat an undecodable one (not those kept)
+    done = yield from _encode_fragments(task, upscaler, fragments, kept, common, clock, damaged)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{out_path.suffix}")
     try:
@@ -200,7 +201,8 @@ def run_segment(
     yield {"type": "progress", "phase": "upscale", **common, "done": done}
     yield {"type": "phase_end", "phase": "upscale", **end}
     yield {"type": "progress", "phase": "encode", **common, "done": done}
-    yield {"type": "phase_end", "phase": "encode", **end, "bytes": out_path.stat().st_size}
+    extra = {"damaged": damaged} if damaged else {}
+    yield {"type": "phase_end", "phase": "encode", **end, "bytes": out_path.stat().st_size, **extra}
 
 
 def _encode_fragments(
@@ -210,6 +212,7 @@ def _encode_fragments(
     kept: int,
     common: dict[str, Any],
     clock: Callable[[], float],
+    damaged: list[int],
 ) -> Iterator[dict[str, Any]]:
     """Pipe the frames after the `kept` ones through the model into fragments; return the frames done.
 
@@ -226,7 +229,7 @@ def _encode_fragments(
     # goes wrong here (Ctrl-C included): a traceback would otherwise keep the
     # stream alive, and a process exiting with torch mid-batch in another
     # thread aborts.
-    with closing(read_frames(clip, seg.start + done, seg.count - done)) as frames:
+    with closing(read_frames(clip, seg.start + done, seg.count - done, damaged)) as frames:
         index = kept // size
         while done < seg.count:
             count = min(size, seg.count - done)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import av
@@ -82,7 +81,7 @@ class _Converter:
         return np.ascontiguousarray(arr)
 
 
-def read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
+def read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int] | None = None) -> Iterator[np.ndarray]:
     """Yield exactly ``count`` RGB uint8 frames (H, W, 3), output frames ``start..start+count-1``.
 
     Frames are upright (rotation applied), cropped, and at ``plan.size``.
@@ -96,6 +95,11 @@ def read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
     ``count``: the output keeps its planned length and its audio alignment.
     Packets the decoder rejects are skipped, as FFmpeg does; a demux failure
     raises InputError naming the file.
+
+    ``damaged``, if given, receives the output frame numbers (within the
+    clip) that stand in for source frames that could not be decoded: the
+    frame shown is more than one source frame older than its slot after the
+    decoder rejected data, or the file ended before the plan did.
     """
     if start < 0 or count < 0 or start + count > plan.frames:
         raise ValueError(f"read_frames: frames {start}..{start + count} outside the clip's {plan.frames}")
@@ -103,14 +107,14 @@ def read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
         return
     path = plan.info.path
     try:
-        yield from _read_frames(plan, start, count)
+        yield from _read_frames(plan, start, count, [] if damaged is None else damaged)
     except ClipexportError:
         raise
     except _AV_ERRORS as exc:
         raise InputError(f"{path}: cannot read frames ({_reason(exc)})") from exc
 
 
-def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]:
+def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> Iterator[np.ndarray]:
     path = plan.info.path
     convert = _Converter(plan)
     t0 = plan.start_time
@@ -144,7 +148,9 @@ def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]
             cand_arr: np.ndarray | None = None
             cand_used = False
             restart = False
-            for frame in _decode(container, v, path):
+            errors = [0]  # packets the decoder rejected so far
+            stale = Fraction(1) / plan.info.fps + tol  # a slot shown this late lost its own frame
+            for frame in _decode(container, v, errors):
                 s = (Fraction(frame.pts) - origin) * tb if frame.pts is not None else (
                     cand_s + 1 / plan.info.fps if cand_s is not None else Fraction(0)
                 )
@@ -158,6 +164,8 @@ def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]
                     # (leading frames lost): it stands in for the times before it.
                     cand, cand_s = frame, s
                 while k < end and s > t0 + Fraction(k) / fps_t + tol:
+                    if errors[0] and t0 + Fraction(k) / fps_t - cand_s > stale:
+                        damaged.append(k)
                     if cand_arr is None:
                         cand_arr = convert(cand)
                     yield cand_arr.copy() if cand_used else cand_arr
@@ -167,12 +175,14 @@ def _read_frames(plan: ClipPlan, start: int, count: int) -> Iterator[np.ndarray]
                     break
                 if cand is not frame:
                     cand, cand_s, cand_arr, cand_used = frame, s, None, False
-            if restart:
+            if restart or (cand is None and sought):  # nothing decoded after the seek: from the start
                 continue
             if cand is None:
                 raise InputError(f"{path}: no decodable video frames where frame {start} was expected")
             # End of stream: the remaining targets show the last frame (see docstring).
             while k < end:
+                if t0 + Fraction(k) / fps_t - cand_s > stale:
+                    damaged.append(k)
                 if cand_arr is None:
                     cand_arr = convert(cand)
                 yield cand_arr.copy() if cand_used else cand_arr
@@ -188,11 +198,12 @@ def _first_pts(container: Any, v: Any) -> int:
     return 0
 
 
-def _decode(container: Any, v: Any, path: Path) -> Iterator[Any]:
-    """Decode the video stream, skipping packets the decoder rejects."""
+def _decode(container: Any, v: Any, errors: list[int]) -> Iterator[Any]:
+    """Decode the video stream, skipping (and counting in ``errors[0]``) packets the decoder rejects."""
     for packet in container.demux(v):
         try:
             frames = packet.decode()
         except av.error.InvalidDataError:
+            errors[0] += 1
             continue
         yield from frames
