@@ -105,3 +105,18 @@ def test_undecodable_frames_are_reported_once_and_fatal_with_strict(tmp_path, ca
     assert line.startswith(f"clipexport: error: {found[1]} frames could not be decoded") and "--strict" in line
     assert not strict.exists()
 
+
+
+def test_variable_frame_rate_keeps_its_last_frame_and_its_length(tmp_path, capsys):
+    times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]  # the last frame comes after a long hold
+    clip = make_clip(tmp_path / "vfr.mkv", frame_times=times, width=64, height=36, audio=False)
+    out = tmp_path / "out.mp4"
+
+    code, _, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none"], capsys)
+
+    assert code == 0, stderr
+    indices, _, _ = video_of(out)
+    assert len(indices) == len(times) and indices[0] == 0 and indices[-1] == len(times) - 1
+    with av.open(str(out)) as container:
+        seconds = float(container.duration) / av.time_base
+    assert 1.2 <= seconds <= 1.5  # the clip's real span, not 8 frames at a rate the header guessed

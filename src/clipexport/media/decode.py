@@ -149,6 +149,7 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
             cand_used = False
             restart = False
             errors = [0]  # packets the decoder rejected so far
+            hold = _last_slot(plan) if end == plan.frames else None  # filled by the clip's very last frame
             stale = Fraction(1) / plan.info.fps + tol  # a slot shown this late lost its own frame
             for frame in _decode(container, v, errors):
                 s = (Fraction(frame.pts) - origin) * tb if frame.pts is not None else (
@@ -163,7 +164,7 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
                     # Decoding from the start and the first decodable frame comes late
                     # (leading frames lost): it stands in for the times before it.
                     cand, cand_s = frame, s
-                while k < end and s > t0 + Fraction(k) / fps_t + tol:
+                while k < end and k != hold and s > t0 + Fraction(k) / fps_t + tol:
                     if errors[0] and t0 + Fraction(k) / fps_t - cand_s > stale:
                         damaged.append(k)
                     if cand_arr is None:
@@ -189,6 +190,21 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
                 cand_used = True
                 k += 1
             return
+
+
+def _last_slot(plan: ClipPlan) -> int | None:
+    """The clip's last output frame when the plan runs to the clip's end, else None.
+
+    It shows the clip's last frame, whatever its timestamp: with a variable
+    frame rate the last frame can come later than the last slot's time, and
+    sampling by time alone would drop it. Not for a clip resampled to
+    another rate.
+    """
+    fps_s = plan.info.fps
+    if plan.fps != fps_s:  # resampled to another rate: dropping frames by time is the point
+        return None
+    end_s = plan.start_time + plan.duration
+    return plan.frames - 1 if end_s >= Fraction(plan.info.frames) / fps_s - Fraction(1, 2) / fps_s else None
 
 
 def _first_pts(container: Any, v: Any) -> int:

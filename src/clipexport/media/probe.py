@@ -261,6 +261,8 @@ def _probe(path: Path, size: int) -> ClipInfo:
         else:
             frames, vdur, all_end = _count_by_demux(path, container, vindex)
             duration = stream_dur or vdur
+            if vdur and frames > 1 and abs(frames - vdur * fps) > 1:  # a variable rate the header misstates
+                fps, duration = (Fraction(frames) / vdur).limit_denominator(1_000_000), vdur
             header = container.duration
             fmt = container.format.name if container.format else ""
             if (
