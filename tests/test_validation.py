@@ -197,6 +197,7 @@ def test_the_table_is_big_enough():
 def test_bad_input_is_refused_before_a_job_exists(args, env, needle, media, tmp_path, monkeypatch, capsys):
     for name in _UNSET:
         monkeypatch.delenv(name, raising=False)
+    saved = {name: os.environ.get(name) for name in [*env, "CLIPEXPORT_CONFIG"]}
     for name, value in env.items():
         if name == "CONFIG":
             (tmp_path / "config.toml").write_text(value)
@@ -216,8 +217,11 @@ def test_bad_input_is_refused_before_a_job_exists(args, env, needle, media, tmp_
     assert stdout == "" and "Traceback" not in stderr
     assert not out.exists() and _listing(tmp_path) == before  # no hidden file either
     assert Path(media["exists"]).read_bytes() == b"keep me"
-    for name in env:  # `jobs` itself must run: drop a setting that only the bad case wanted
-        monkeypatch.delenv(name if name != "CONFIG" else "CLIPEXPORT_CONFIG", raising=False)
+    for name, value in saved.items():  # `jobs` itself must run: undo what only the bad case wanted
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     assert run_main(["jobs"], capsys) == (0, "", ""), "a refused command must not create a job"
 
 

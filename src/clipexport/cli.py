@@ -931,7 +931,7 @@ def _invoke(argv: list[str] | None) -> int:
     except click_errors.ClickException as exc:
         _say(f"error: {exc.format_message()}{_command_hint(exc)}")
         return exc.exit_code
-    except click_errors.Abort:
+    except typer.Abort:
         return 130
     except Exception as exc:  # a bug: still one line, the traceback only on request
         if os.environ.get("CLIPEXPORT_DEBUG"):
