@@ -106,7 +106,7 @@ def silence_closed_pipes() -> None:
         for fd in (1, 2):
             poller = select.poll()
             poller.register(fd, select.POLLOUT)
-            if any(flags & select.POLLERR for _, flags in poller.poll(0)):
+            if any(flags & (select.POLLERR | select.POLLHUP) for _, flags in poller.poll(0)):
                 os.dup2(devnull, fd)
     finally:
         os.close(devnull)
