@@ -548,7 +548,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             exc.job = record.id  # type: ignore[attr-defined]  # names the job in the one-line message
             raise
     if runner.damage is not None:
-        _say(f"warning: {runner.damage}")
+        _note(f"warning: {runner.damage}")
     if mode != "json":
         from clipexport.orchestrator import output_paths
 
