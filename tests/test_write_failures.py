@@ -119,6 +119,9 @@ class _FailsAfter:
         self.inner, self.after, self.error, self.scale = inner, after, error, inner.scale
         self.frames = 0
 
+    def __getattr__(self, name: str):  # noqa: ANN204 - device, upscale (the speed probe): the real one's
+        return getattr(self.inner, name)
+
     def stream(self, frames, *, batch: int = 4):  # noqa: ANN001, ANN201
         for frame in self.inner.stream(frames, batch=batch):
             if self.frames == self.after:
