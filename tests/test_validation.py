@@ -66,7 +66,7 @@ CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
     ("crf-huge", (*R, "--crf", "1e20"), {}, "--crf"),
     ("segment-frames-not-a-number", (*R, "--segment-frames", "x"), {}, "--segment-frames"),
     ("parallel-not-a-number", (*R, "--parallel", "two"), {}, "--parallel"),
-    ("no-output", ("render", "{clip}"), {}, "--output"),
+    ("no-output", ("render", "{clip}"), {}, "-o OUTPUT"),
     ("unknown-option", (*R, "--bogus"), {}, "--bogus"),
     ("unknown-command", ("rendr",), {}, "rendr"),
     ("interval-not-a-number", ("status", "--interval", "soon"), {}, "--interval"),
@@ -95,7 +95,9 @@ CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
     # every environment variable the tool reads
     ("env-tile-word", R, {"CLIPEXPORT_TILE": "big"}, "CLIPEXPORT_TILE"),
     ("env-tile-negative", R, {"CLIPEXPORT_TILE": "-1"}, "CLIPEXPORT_TILE"),
-    ("env-cpu-dtype", R, {"CLIPEXPORT_CPU_DTYPE": "float16"}, "CLIPEXPORT_CPU_DTYPE"),
+    ("env-cpu-dtype", R, {"CLIPEXPORT_CPU_DTYPE": "float64"}, "CLIPEXPORT_CPU_DTYPE"),
+    ("env-precision", R, {"CLIPEXPORT_PRECISION": "fp8"}, "CLIPEXPORT_PRECISION"),
+    ("precision", (*R, "--precision", "fp8"), {}, "fp8"),
     ("env-weights-source", R, {"CLIPEXPORT_WEIGHTS_SOURCE": "sometimes"}, "CLIPEXPORT_WEIGHTS_SOURCE"),
     ("env-segment-frames-0", R, {"CLIPEXPORT_SEGMENT_FRAMES": "0"}, "CLIPEXPORT_SEGMENT_FRAMES"),
     ("env-segment-frames-word", R, {"CLIPEXPORT_SEGMENT_FRAMES": "lots"}, "CLIPEXPORT_SEGMENT_FRAMES"),
@@ -172,7 +174,7 @@ CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
     ("cancel-unknown-job", ("cancel", "cx-000000"), {}, "cx-000000"),
     ("log-level", ("jobs",), {"CLIPEXPORT_LOG_LEVEL": "LOUD"}, "CLIPEXPORT_LOG_LEVEL"),
 ]
-_UNSET = ("R2_ACCOUNT_ID", "CLIPEXPORT_S3_ENDPOINT", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "CLIPEXPORT_STORAGE",
+_UNSET = ("CLIPEXPORT_PRECISION", "R2_ACCOUNT_ID", "CLIPEXPORT_S3_ENDPOINT", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET", "CLIPEXPORT_STORAGE",
           "CLIPEXPORT_BACKEND", "CLIPEXPORT_DEVICE", "CLIPEXPORT_TILE", "CLIPEXPORT_CPU_DTYPE", "CLIPEXPORT_LOG_LEVEL")
 
 

@@ -20,7 +20,7 @@ from clipexport.backends import create_backend
 from clipexport.errors import EXIT_RESUMABLE, WriteFailed
 from clipexport.jobs import JobSpec, JobState, JobStore
 from clipexport.orchestrator import JobRunner
-from clipexport.validate import prepare_job
+from clipexport.orchestrator import prepare_job
 from tests.clips import make_clip
 
 

@@ -590,7 +590,7 @@ def resume(
     """Continue an interrupted or failed job, skipping finished work."""
     _chatty(quiet, verbose)
     with _errors_to_exit():
-        from clipexport.validate import prepare_job
+        from clipexport.orchestrator import prepare_job
 
         options.check("progress", progress)
         store = _store()

@@ -80,7 +80,7 @@ def load_settings(flags: dict[str, Any] | None = None) -> Settings:
     """Merge the layers; `flags` holds only the flags the user gave (not None)."""
     settings = Settings()
     settings = _apply(settings, _read_file(config_path()), "config file")
-    env = {k: os.environ[v] for k, v in _ENV_ALIASES.items() if os.environ.get(v, "").strip()}
+    env = {k: OPTIONS[k].parse(os.environ[v], v) for k, v in _ENV_ALIASES.items() if os.environ.get(v, "").strip()}
     env.update({k: os.environ[v] for k, v in _ENV.items() if os.environ.get(v, "").strip()})
     settings = _apply(settings, env, "environment")
     return _apply(settings, {k: v for k, v in (flags or {}).items() if v is not None}, "flag")
