@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from clipexport.errors import JobLookupError
+from clipexport.facts import JobFacts
 from clipexport.jobs import JobSpec, JobState, JobStore
 
 
@@ -65,9 +66,10 @@ def test_facts_and_transfer_state(tmp_path):
     store.set_fact(job, "segkey:seg-0002", "segments/def.mp4")
     store.set_fact(job, "segkeyX", 1)
     assert store.facts(job, "segkey:") == {"segkey:seg-0001": "segments/abc.mp4", "segkey:seg-0002": "segments/def.mp4"}
-    state = store.transfer_state(job)
+    assert JobFacts(store, job).segment_keys() == {"seg-0001": "segments/abc.mp4", "seg-0002": "segments/def.mp4"}
+    state = JobFacts(store, job).transfers()
     state.save("inputs/x", {"upload_id": "u1", "part_size": 5 << 20, "parts": [1, 2]})
-    assert JobStore(tmp_path).transfer_state(job).load("inputs/x")["parts"] == [1, 2]
+    assert JobFacts(JobStore(tmp_path), job).transfers().load("inputs/x")["parts"] == [1, 2]
     assert state.keys() == ["inputs/x"]
     state.clear("inputs/x")
     assert state.load("inputs/x") is None

@@ -30,6 +30,7 @@ from clipexport.errors import (
     JobLookupError,
     UsageError,
 )
+from clipexport.facts import JobFacts
 from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore, new_job_id
 from clipexport.locks import lock_job, lock_output
 from clipexport.stopping import Stop, stop_on_signals
@@ -352,7 +353,7 @@ def render(
             check_output(spec, force)  # again, now that no other job can be finishing a file there
             held.callback(lock_job(store.root, job_id).release)
             record = store.create(spec, job_id)
-            store.set_fact(record.id, "force", force)
+            JobFacts(store, record.id).set_force(force)
             _note(f"job {record.id} started (resume with `clipexport resume {record.id}`)")
             _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=True, force=False,
                  interval=progress_interval, stop=stop)
@@ -607,7 +608,7 @@ def resume(
             held.callback(lock_output(store.root, record.spec.output, job=job, force=False).release)
             from clipexport.orchestrator import owns_output
 
-            output_forced = bool(store.fact(record.id, "force")) or force or owns_output(store, record.id)
+            output_forced = JobFacts(store, record.id).force() or force or owns_output(store, record.id)
             _preflight(record.spec)
             prepared = prepare_job(record.spec, force=output_forced)
             record = store.transition(record.id, JobState.RUNNING)

@@ -269,28 +269,6 @@ class JobStore:
         with self._connect() as db:
             db.execute("DELETE FROM facts WHERE job = ? AND key = ?", (job_id, key))
 
-    def transfer_state(self, job_id: str) -> JobTransferState:
-        return JobTransferState(self, job_id)
-
-
-class JobTransferState:
-    """The storage layer's TransferState, kept as facts of one job."""
-
-    def __init__(self, store: JobStore, job_id: str) -> None:
-        self._store, self._job = store, job_id
-
-    def load(self, key: str) -> dict | None:
-        return self._store.fact(self._job, "transfer:" + key)
-
-    def save(self, key: str, value: dict) -> None:
-        self._store.set_fact(self._job, "transfer:" + key, value)
-
-    def clear(self, key: str) -> None:
-        self._store.clear_fact(self._job, "transfer:" + key)
-
-    def keys(self) -> list[str]:
-        return [k.removeprefix("transfer:") for k in self._store.facts(self._job, "transfer:")]
-
 
 def _state_error(path: Path, exc: sqlite3.DatabaseError) -> StateError:
     """What went wrong with jobs.db, and what the user can do about it."""

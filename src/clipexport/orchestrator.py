@@ -41,6 +41,7 @@ from clipexport.errors import (
     WriteFailed,
     EXIT_SIGINT,
 )
+from clipexport.facts import JobFacts
 from clipexport.jobs import RESUMABLE, JobRecord, JobSpec, JobState, JobStore
 from clipexport.locks import Lock, lock_job
 from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, plan_clips, plan_segments, probe
@@ -230,6 +231,7 @@ class JobRunner:
         storage: Storage | None = None,
     ) -> None:
         self.store = store
+        self.facts = JobFacts(store, record.id)
         self.storage = storage
         self._downloads: SegmentDownloader | None = None
         self._keys: dict[str, str] = {}
@@ -291,7 +293,7 @@ class JobRunner:
         if self.storage is not None:
             paths = [info.path for info in prepared.infos]
             input_keys = list(upload_inputs(self.storage, paths, hashes, self.emitter.emit,
-                                            self.store.transfer_state(self.job)))
+                                            self.facts.transfers()))
             self._downloads = SegmentDownloader(self.storage, self.segment_root, self.emitter.emit)
         tasks = self._pending_tasks(prepared, hashes, input_keys)
         frames = sum(p.frames for p in prepared.plans)
@@ -318,8 +320,7 @@ class JobRunner:
         event = self.emitter.emit(partial)
         if event["type"] == "phase_end" and event.get("phase") == "encode" and "part" in event:
             damaged = event.get("damaged") or []
-            self.store.set_fact(self.job, f"segment:{event['part']}", {"attempt": event.get("attempt", 1),
-                                                                       "damaged": damaged})
+            self.facts.mark_finished(event["part"], event.get("attempt", 1), damaged)
             if damaged:  # beside the segment, for a later job that reuses it
                 note = damage_note(self.segment_root, self._keys[event["part"]])
                 note.parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +343,7 @@ class JobRunner:
 
     def _input_hash(self, index: int, info: ClipInfo, base: int, total: int) -> str:
         identity = file_identity(info.path)
-        known = self.store.fact(self.job, f"input:{index}")
+        known = self.facts.input_hash(index)
         if known is not None and known["identity"] == identity:
             return known["sha256"]
         throttle = events.Throttle()
@@ -357,7 +358,7 @@ class JobRunner:
                 f"{info.path}: changed since job {self.job} started; "
                 f"`clipexport resume {self.job} --force` re-renders what it affects"
             )
-        self.store.set_fact(self.job, f"input:{index}", {"identity": identity, "sha256": sha})
+        self.facts.set_input_hash(index, identity, sha)
         return sha
 
     def _key(self, prepared: Prepared, hashes: list[str], seg: Segment) -> str:
@@ -377,10 +378,10 @@ class JobRunner:
         return tuple(o for o in overlays if touches(o, seg.start, seg.count, fps))
 
     def _weights_id(self) -> str:
-        known = self.store.fact(self.job, "weights")
+        known = self.facts.weights_sha256()
         if known is None:
             known = hash_file(Path(self.spec.weights))  # type: ignore[arg-type]
-            self.store.set_fact(self.job, "weights", known)
+            self.facts.set_weights_sha256(known)
         return known
 
     def _pending_tasks(self, prepared: Prepared, hashes: list[str], input_keys: list[str | None]) -> list[SegmentTask]:
@@ -392,7 +393,7 @@ class JobRunner:
         tasks = []
         for seg in prepared.segments:
             key = self._keys[seg.name] = self._key(prepared, hashes, seg)
-            self.store.set_fact(self.job, f"segkey:{seg.name}", key)
+            self.facts.set_segment_key(seg.name, key)
             if (self.segment_root / key).is_file():
                 self._count_finished(seg)
                 continue
@@ -400,19 +401,18 @@ class JobRunner:
                 self._count_finished(seg)
                 self._downloads.add(seg.name, key)
                 continue
-            previous = self.store.fact(self.job, f"attempt:{seg.name}") or 0
-            self.store.set_fact(self.job, f"attempt:{seg.name}", previous + 1)
+            previous = self.facts.attempts(seg.name)
+            self.facts.set_attempts(seg.name, previous + 1)
             tasks.append(SegmentTask(self.job, seg, prepared.plans[seg.clip], key, codec=self.spec.codec,
                                      crf=self.spec.crf, attempt=previous + 1, input_key=input_keys[seg.clip],
                                      overlays=self._overlays(prepared, seg)))
         return tasks
 
     def _count_finished(self, seg: Segment) -> None:
-        attempt = self.store.fact(self.job, f"attempt:{seg.name}") or 1
+        attempt = self.facts.attempts(seg.name) or 1
         note = damage_note(self.segment_root, self._keys[seg.name])
-        if note.is_file() and self.store.fact(self.job, f"segment:{seg.name}") is None:
-            self.store.set_fact(self.job, f"segment:{seg.name}",
-                                {"attempt": attempt, "damaged": json.loads(note.read_text(encoding="utf-8"))})
+        if note.is_file() and self.facts.finished(seg.name) is None:
+            self.facts.mark_finished(seg.name, attempt, json.loads(note.read_text(encoding="utf-8")))
         for phase in ("upscale", "encode"):
             self.emitter("progress", phase=phase, part=seg.name, unit="frames", done=seg.count, total=seg.count,
                          attempt=attempt, skipped=True)
@@ -432,14 +432,14 @@ class JobRunner:
             tmp = _partial(out, self.job)
             with write_failures(out, "the output"):
                 concat_and_mux([self.segment_root / self._keys[s.name] for s in segments], plans, tmp)
-                self.store.set_fact(self.job, _output_fact(self.spec, out), file_identity(tmp))  # resume knows it
+                self.facts.set_output_identity(file_identity(tmp), _each_name(self.spec, out))  # resume knows it
                 os.replace(tmp, out)
         if self.storage is not None:
             ProgressChannel(self.storage, channel_prefix(self.job)).clear()
         self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
                      bytes=sum(out.stat().st_size for out in outs))
         self.store.transition(self.job, JobState.DONE)
-        plan_t = self.store.fact(self.job, "plan_t") or time.time()
+        plan_t = self.facts.plan_time() or time.time()
         billed = self._billed
         extra = {"cost_usd": billed["usd"], "gpu_s": billed["gpu_s"], "billed": billed} if billed else {}
         self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3), **extra)
@@ -447,7 +447,7 @@ class JobRunner:
     def _stopped(self, exc: Interrupted) -> None:
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
         self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
-        if self.store.fact(self.job, "cancel"):  # `clipexport cancel` sent the signal: nothing to resume
+        if self.facts.cancel_requested():  # `clipexport cancel` sent the signal: nothing to resume
             raise Cancelled(f"job {self.job} was cancelled from another shell") from None
         raise exc
 
@@ -463,8 +463,8 @@ class JobRunner:
         """The first event of a new job (or of a resumed one whose log was lost); it anchors `done.elapsed`."""
         total = sum(i.size_bytes for i in prepared.infos)
         event = self.emitter.emit(build_plan(prepared, input_bytes=total, backend=backend, device=device))
-        if self.store.fact(self.job, "plan_t") is None:  # a plan written again keeps the job's start
-            self.store.set_fact(self.job, "plan_t", event["t"])
+        if self.facts.plan_time() is None:  # a plan written again keeps the job's start
+            self.facts.set_plan_time(event["t"])
 
 
 #: Errors of a write that `resume` can finish once the user has made room or restored a directory.
@@ -533,8 +533,9 @@ def owns_output(store: JobStore, job_id: str) -> bool:
     """
     spec = store.get(job_id).spec
     existing = [out for out in output_paths(spec) if out.exists()]
+    facts = JobFacts(store, job_id)
     return bool(existing) and all(
-        out.is_file() and store.fact(job_id, _output_fact(spec, out)) == file_identity(out) for out in existing)
+        out.is_file() and facts.output_identity(_each_name(spec, out)) == file_identity(out) for out in existing)
 
 
 def output_paths(spec: JobSpec) -> list[Path]:
@@ -544,8 +545,9 @@ def output_paths(spec: JobSpec) -> list[Path]:
     return [Path(spec.each) / f"{i:02d}-{Path(p).stem}.mp4" for i, p in enumerate(spec.inputs, 1)]
 
 
-def _output_fact(spec: JobSpec, out: Path) -> str:
-    return "output" if spec.each is None else f"output:{out.name}"
+def _each_name(spec: JobSpec, out: Path) -> str | None:
+    """Which file of `--each` an output is (None: the job's one output)."""
+    return None if spec.each is None else out.name
 
 
 def partial_outputs(spec: JobSpec, job_id: str) -> list[Path]:
@@ -572,7 +574,7 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
     record = store.get(job_id)
     if record.state in (JobState.DONE, JobState.CANCELLED):
         raise JobLookupError(f"job {job_id} is already {record.state.value}")
-    store.set_fact(job_id, "cancel", True)
+    JobFacts(store, job_id).request_cancel()
     lock = _stop_client(store, record, wait_s)
     try:
         record = store.get(job_id)
@@ -602,8 +604,8 @@ def _purge_segments(store: JobStore, job_id: str, segment_root: Path) -> int:
     same options shares them. Returns how many were kept for such jobs.
     """
     needed = {key for other in store.all() if other.id != job_id and other.state in RESUMABLE
-              for key in store.facts(other.id, "segkey:").values()}
-    mine = set(store.facts(job_id, "segkey:").values())
+              for key in JobFacts(store, other.id).segment_keys().values()}
+    mine = set(JobFacts(store, job_id).segment_keys().values())
     for key in mine - needed:
         (segment_root / key).unlink(missing_ok=True)
         damage_note(segment_root, key).unlink(missing_ok=True)
@@ -616,7 +618,7 @@ def _cancel_remote(store: JobStore, record: JobRecord) -> None:
     if spec.storage is not None:
         from clipexport.storage import open_storage
 
-        open_storage(spec.storage, endpoint_url=spec.endpoint_url).abort_uploads(store.transfer_state(record.id))
+        open_storage(spec.storage, endpoint_url=spec.endpoint_url).abort_uploads(JobFacts(store, record.id).transfers())
     if spec.backend == "modal":
         from clipexport.backends.modal import RealModalClient, cancel_calls
 
@@ -636,6 +638,6 @@ def _stop_client(store: JobStore, record: JobRecord, wait_s: float) -> Lock:
     try:
         return lock_job(store.root, record.id, wait_s=wait_s)
     except BusyError:
-        store.clear_fact(record.id, "cancel")
+        JobFacts(store, record.id).withdraw_cancel()
         raise BusyError(f"job {record.id}: its process (pid {record.pid}) did not stop within {wait_s:.0f} s; "
                         f"run `clipexport cancel {record.id}` again") from None

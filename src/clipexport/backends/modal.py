@@ -65,6 +65,7 @@ from clipexport import cost
 from clipexport.backends.base import EmitFn
 from clipexport.backends.offloop import Asker, Backoff
 from clipexport.errors import BackendError, ClipexportError, Interrupted, UsageError
+from clipexport.facts import JobFacts
 from clipexport.jobs import JobStore
 from clipexport.remote import channel_prefix, task_to_dict
 from clipexport.storage import ProgressChannel, Storage
@@ -305,12 +306,7 @@ def check_gpu(gpu: str | None) -> None:
 
 def recorded_calls(store: JobStore, job_id: str) -> set[str]:
     """Every call id a job recorded: segments (current and past attempts) and warm-ups."""
-    ids: set[str] = set()
-    for value in [*store.facts(job_id, "call:").values(), *store.facts(job_id, "warmup:").values()]:
-        if isinstance(value, dict) and value.get("id"):
-            ids.add(value["id"])
-            ids.update(i for i in value.get("past") or [] if isinstance(i, str))
-    return ids
+    return JobFacts(store, job_id).remote_call_ids()
 
 
 def cancel_calls(client: ModalClient, store: JobStore, job_id: str) -> int:
@@ -446,6 +442,7 @@ class ModalBackend:
             raise UsageError(f"--parallel must be at least 1, not {parallel}")
         self.client, self.storage = client, storage
         self.store, self.job = store, job_id
+        self.facts = JobFacts(store, job_id)
         self.model, self.scale, self.gpu = model, scale, gpu
         self.parallel = parallel
         settings = getattr(storage, "settings", None)
@@ -468,7 +465,7 @@ class ModalBackend:
         """
         for i in range(max(1, count or self.parallel)):
             call_id = self.client.warm_up(model=self.model, scale=self.scale, gpu=self.gpu)
-            self.store.set_fact(self.job, f"warmup:{i}", {"id": call_id})
+            self.facts.set_warmup(i, call_id)
             self._warmups.append(call_id)
 
     # -- run -------------------------------------------------------------------
@@ -578,9 +575,8 @@ class _Run:
     def _reattach(self) -> None:
         """Follow the calls a previous client recorded; queue the rest."""
         recorded: dict[str, dict[str, Any]] = {}
-        for key, value in self.b.store.facts(self.b.job, "call:").items():
-            name = key.removeprefix("call:")
-            if name in self.tasks and isinstance(value, dict) and value.get("id"):
+        for name, value in self.b.facts.calls().items():
+            if name in self.tasks:
                 recorded[name] = value
         by_id: dict[str, list[str]] = {}
         for name, value in sorted(recorded.items(), key=lambda item: -float(item[1].get("t") or 0)):
@@ -604,7 +600,7 @@ class _Run:
             self.queued.append((task, task.attempt))
 
     def _number_lanes(self) -> None:
-        self._lane_count = int(self.b.store.fact(self.b.job, "modal:lanes") or 0)
+        self._lane_count = self.b.facts.lanes()
 
     def _recorded_lane(self, name: Any) -> _Lane:
         """The lane a recorded call ran in (its older, finished calls share it)."""
@@ -620,7 +616,7 @@ class _Run:
     def _lane(self) -> _Lane:
         """A new lane, numbered across runs."""
         self._lane_count += 1
-        self.b.store.set_fact(self.b.job, "modal:lanes", self._lane_count)
+        self.b.facts.set_lanes(self._lane_count)
         lane = _Lane(f"ctr-{self._lane_count:02d}")
         self.lanes.append(lane)
         return lane
@@ -652,9 +648,9 @@ class _Run:
             call_id = b.client.spawn(dicts, b.storage.url, b.endpoint_url, model=b.model, scale=b.scale, gpu=b.gpu)
             record = {"id": call_id, "attempt": attempt, "lane": lane.name, "t": round(time.time(), 3)}
             for task in tasks:  # durable before anything is shown, even if this client dies now
-                previous = b.store.fact(b.job, f"call:{task.segment.name}") or {}
+                previous = b.facts.call(task.segment.name) or {}
                 past = [*previous.get("past", []), previous["id"]] if previous.get("id") else []
-                b.store.set_fact(b.job, f"call:{task.segment.name}", {**record, "past": past})
+                b.facts.set_call(task.segment.name, {**record, "past": past})
             return call_id
 
         key = next(self._spawn_keys)
@@ -841,8 +837,8 @@ class _Run:
         if call is not None and attempt >= call.attempt:
             if attempt > call.attempt:  # the container restarted it: a later respawn goes higher
                 call.attempt = attempt
-                record = self.b.store.fact(self.b.job, f"call:{name}") or {"id": call.id, "lane": call.lane.name}
-                self.b.store.set_fact(self.b.job, f"call:{name}", {**record, "attempt": attempt})
+                record = self.b.facts.call(name) or {"id": call.id, "lane": call.lane.name}
+                self.b.facts.set_call(name, {**record, "attempt": attempt})
             self._call_started(call, snap)
         self._show(name, snap, call.lane.name if call is not None else None)
 
