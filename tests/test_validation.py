@@ -95,8 +95,8 @@ CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
     # every environment variable the tool reads
     ("env-tile-word", R, {"CLIPEXPORT_TILE": "big"}, "CLIPEXPORT_TILE"),
     ("env-tile-negative", R, {"CLIPEXPORT_TILE": "-1"}, "CLIPEXPORT_TILE"),
-    ("env-cpu-dtype", R, {"CLIPEXPORT_CPU_DTYPE": "float64"}, "CLIPEXPORT_CPU_DTYPE"),
-    ("env-precision", R, {"CLIPEXPORT_PRECISION": "fp8"}, "CLIPEXPORT_PRECISION"),
+    ("env-cpu-dtype", R, {"CLIPEXPORT_CPU_DTYPE": "float64"}, "float64"),
+    ("env-precision", R, {"CLIPEXPORT_PRECISION": "fp8"}, "fp8"),
     ("precision", (*R, "--precision", "fp8"), {}, "fp8"),
     ("env-weights-source", R, {"CLIPEXPORT_WEIGHTS_SOURCE": "sometimes"}, "CLIPEXPORT_WEIGHTS_SOURCE"),
     ("env-segment-frames-0", R, {"CLIPEXPORT_SEGMENT_FRAMES": "0"}, "CLIPEXPORT_SEGMENT_FRAMES"),

@@ -103,8 +103,7 @@ SETTINGS: tuple[Option, ...] = (
     Option("parallel", int, 3, env="CLIPEXPORT_PARALLEL", low=1, high=100),
     Option("gpu", str, None, env="CLIPEXPORT_GPU"),  # checked by backends.modal.check_gpu
     Option("device", str, "auto", env="CLIPEXPORT_DEVICE", pattern=r"auto|cpu|cuda(:[0-9]+)?"),
-    Option("precision", str, "auto", env="CLIPEXPORT_PRECISION",  # aliases as upscale.precision takes them
-           choices=("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16", "half")),
+    Option("precision", str, "auto", env="CLIPEXPORT_PRECISION"),  # checked by upscale.precision.normalise
 )
 
 #: Options of other commands, and environment variables read outside `config`.

@@ -34,7 +34,6 @@ def check_spec(spec: JobSpec) -> None:
     """What can be checked of a spec before its inputs are probed (`orchestrator.prepare_job` calls it first)."""
     check_settings(spec)
     options.check_environment()
-    check_storage(spec)
     check_device(spec)
 
 
@@ -108,7 +107,8 @@ def check_device(spec: JobSpec) -> None:
 
 
 def check_backend(spec: JobSpec) -> None:
-    """What a remote backend can check before a job exists (a token, a reachable store)."""
+    """What a run (not an estimate) needs before a job exists: a storage URL that resolves, a token."""
+    check_storage(spec)
     if spec.backend == "modal":
         from clipexport.backends.modal import preflight
 
