@@ -97,3 +97,23 @@ def test_throttle_lets_progress_through_once_per_interval():
         now[0] = step * 0.1
         seen.append(throttle.ready())
     assert seen == [True, False, False, True, False, False, True, False, False, True]
+
+
+def test_an_event_a_sink_emits_is_delivered_right_after_the_one_being_delivered():
+    """A display's snapshot emitted while a phase_end is delivered: every sink sees seq in order."""
+    seen: dict[str, list[tuple[int, str]]] = {"first": [], "second": []}
+    emitter: events.Emitter
+
+    def first(event):
+        seen["first"].append((event["seq"], event["type"]))
+        if event["type"] == "phase_end":
+            queued = emitter.emit({"type": "snapshot", "fraction": 0.5})
+            assert "seq" not in queued  # not stamped yet: it waits for this delivery to end
+
+    emitter = events.Emitter("cx-000001", [first, lambda e: seen["second"].append((e["seq"], e["type"]))],
+                      clock=lambda: 1.0)
+    emitter("phase_start", phase="upscale")
+    assert emitter("phase_end", phase="upscale")["type"] == "phase_end"
+    emitter("done", output="o.mp4", elapsed=1.0)
+    expected = [(0, "phase_start"), (1, "phase_end"), (2, "snapshot"), (3, "done")]
+    assert seen["first"] == expected and seen["second"] == expected

@@ -463,16 +463,18 @@ def run_json(events, *, interval=None, tick_at=None) -> list[dict]:
 
 def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
     lines = run_json(local_job())
-    snaps = [line for line in lines if line["type"] == "snapshot"]
-    assert [s["t"] - T0 for s in snaps] == pytest.approx([5.7, 10.7, 15.7, 20.7])
+    after_phase = [b for a, b in zip(lines, lines[1:]) if a["type"] == "phase_end"]
+    assert after_phase and all(s["type"] == "snapshot" for s in after_phase)  # every phase's end, however short
+    snaps = [b for a, b in zip(lines, lines[1:]) if b["type"] == "snapshot" and a["type"] != "phase_end"]
+    assert [s["t"] - T0 for s in snaps] == pytest.approx([7.7, 12.7, 17.7, 22.7])  # 5 s after the last one
     first = snaps[0]
     assert first == {
-        "v": 1, "job": "cx-abc123", "seq": 16, "t": pytest.approx(T0 + 5.7), "type": "snapshot",
-        "fraction": first["fraction"], "elapsed": 5.7, "remaining_s": 18.5, "eta_text": "Less than a minute remaining",
+        "v": 1, "job": "cx-abc123", "seq": 22, "t": pytest.approx(T0 + 7.7), "type": "snapshot",
+        "fraction": first["fraction"], "elapsed": 7.7, "remaining_s": 16.5, "eta_text": "Less than a minute remaining",
         "phases": first["phases"],
     }
     assert 0 < first["fraction"] < snaps[-1]["fraction"] < 1
-    assert first["phases"][2] == {"phase": "upscale", "state": "running", "unit": "frames", "done": 30.0,
+    assert first["phases"][2] == {"phase": "upscale", "state": "running", "unit": "frames", "done": 50.0,
                                   "total": 200.0}
     for line in lines:
         validate_event(line)

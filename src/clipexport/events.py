@@ -46,7 +46,10 @@ class Emitter:
     sinks see events in `seq` order. Nothing is delivered after an event of
     `ENDING_TYPES`: a straggler from another thread (or a display's periodic
     snapshot) would otherwise follow the run's last event, and after an
-    `error` a later event reads as a resumed job.
+    `error` a later event reads as a resumed job. A sink may emit (a
+    display's snapshot after a phase ends): that event is queued and
+    delivered right after the one being delivered, so every sink still sees
+    `seq` in order.
     """
 
     def __init__(
@@ -61,20 +64,39 @@ class Emitter:
         self.sinks: list[Sink] = list(sinks)
         self.next_seq = next_seq
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._ended = False
+        self._queued: list[Event] | None = None  # a list while events are being delivered
 
     def emit(self, partial: Event) -> Event:
-        """Stamp `partial` (left unchanged) and deliver the full event (unless the run has ended)."""
+        """Stamp `partial` (left unchanged) and deliver the full event (unless the run has ended).
+
+        Called by a sink during a delivery, it queues `partial` behind the
+        event being delivered and returns `partial` itself, not yet stamped.
+        """
         with self._lock:
-            event: Event = {"v": VERSION, "job": self.job, "seq": self.next_seq, "t": round(self._clock(), 3)}
-            event.update({k: v for k, v in partial.items() if k not in event})
-            if self._ended:
-                return event
-            self.next_seq += 1
-            self._ended = event["type"] in ENDING_TYPES
-            for sink in self.sinks:
-                sink(event)
+            if self._queued is not None:
+                self._queued.append(partial)
+                return partial
+            self._queued = [partial]
+            try:
+                first = None
+                while self._queued:
+                    event = self._deliver(self._queued.pop(0))
+                    first = first or event
+            finally:
+                self._queued = None
+        return first
+
+    def _deliver(self, partial: Event) -> Event:
+        event: Event = {"v": VERSION, "job": self.job, "seq": self.next_seq, "t": round(self._clock(), 3)}
+        event.update({k: v for k, v in partial.items() if k not in event})
+        if self._ended:
+            return event
+        self.next_seq += 1
+        self._ended = event["type"] in ENDING_TYPES
+        for sink in self.sinks:
+            sink(event)
         return event
 
     def __call__(self, type_: str, **fields: Any) -> Event:

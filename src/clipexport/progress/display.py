@@ -263,7 +263,7 @@ def _round1(value: float | None) -> float | None:
 
 
 class JsonDisplay(Display):
-    """Each event as one line of JSON on stdout, and a periodic `snapshot` event.
+    """Each event as one line of JSON on stdout, and a `snapshot` event after each phase ends and periodically.
 
     The snapshot is emitted through the job's own emitter (`attach`), from
     the timer's thread: it gets the next `seq` like any event and enters the
@@ -286,6 +286,12 @@ class JsonDisplay(Display):
     def _on_event(self, event: dict[str, Any]) -> None:
         self._put(self.stream if self.stream is not None else sys.stdout,
                   json.dumps(event, separators=(",", ":")) + "\n")
+        if event.get("type") == "phase_end" and self._emit is not None:
+            # Every phase's end also gets a snapshot, however short the job: the
+            # emitter queues it right behind this event.
+            now = self.clock()
+            self._cadence.last = now
+            self._emit({"type": "snapshot", **snapshot_fields(self.tracker.snapshot(now))})
 
     def tick(self) -> None:
         # The emitter calls our `handle` under its own lock: ask for it with ours released.
