@@ -147,9 +147,11 @@ def assert_state_is_private(state: Path, job: str) -> None:
 
 
 @pytest.mark.stress
-def test_concurrent_resumes_twenty_times_each_frame_exact_or_refused(tmp_path, clip, clipexport_home):
+def test_concurrent_resumes_twenty_times_each_frame_exact_or_refused(tmp_path, clip, monkeypatch):
     for round_ in range(20):
-        one_round(tmp_path, clip, clipexport_home, round_)
+        home = tmp_path / f"home-{round_}"  # a fresh store each round: its segments are rendered, not reused
+        monkeypatch.setenv("CLIPEXPORT_HOME", str(home))
+        one_round(tmp_path, clip, home, round_)
 
 
 def test_a_second_render_to_the_same_output_is_refused_at_once_unless_forced(tmp_path, clip, clipexport_home):

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
-from clipexport import __version__, config, events, options
+from clipexport import __version__, config, events, options, stopping
 from clipexport.errors import (
     EXIT_RESUMABLE,
     ClipexportError,
@@ -916,7 +916,30 @@ def main(argv: list[str] | None = None) -> None:
         _say(f"error: {exc}")
         sys.exit(2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(message)s")
-    sys.exit(_invoke(argv))
+    stopping.reset()
+    code = _invoke(argv)
+    if stopping.signalled():
+        _leave_at_once(code)
+    sys.exit(code)
+
+
+def _leave_at_once(code: int) -> None:
+    """Exit after a stop signal without the interpreter's finalisation.
+
+    A stopped job has written all it keeps (the store commits each fact, the
+    log each line) by now, but torch's worker threads may still be inside a
+    kernel: finalisation then runs C++ destructors under them, and the
+    runtime aborts the process ("terminate called without an active
+    exception", exit 134) in about half of early stops. `os._exit` skips
+    that; the OS releases the job's locks as for any exit.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more to say
+            pass
+    os._exit(code)
 
 
 def _invoke(argv: list[str] | None) -> int:

@@ -29,6 +29,19 @@ from clipexport.errors import EXIT_RESUMABLE, EXIT_SIGTERM, Interrupted
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+_signalled = threading.Event()  # a stop signal was acted on since `reset()`
+
+
+def reset() -> None:
+    """Forget an earlier stop: a new command starts (the CLI's entry point calls this)."""
+    _signalled.clear()
+
+
+def signalled() -> bool:
+    """Whether a stop signal was acted on since `reset()`: the process must then leave by `os._exit`."""
+    return _signalled.is_set()
+
+
 class Stop:
     """One command's stop: announced once, acted on once."""
 
@@ -56,6 +69,7 @@ class Stop:
             self.ignored += 1  # the first stop is under way: let its cleanup finish
             return
         self.acting = True
+        _signalled.set()
         self.announce()
         if signum == signal.SIGINT:
             raise KeyboardInterrupt
