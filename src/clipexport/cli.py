@@ -917,6 +917,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(message)s")
     stopping.reset()
+    if argv is None:  # this process is the command (not a caller passing its own argv)
+        stopping.ignore_signals_after_commands()
     code = _invoke(argv)
     if stopping.signalled():
         _leave_at_once(code)

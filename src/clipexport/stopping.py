@@ -32,6 +32,20 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 _signalled = threading.Event()  # a stop signal was acted on since `reset()`
 
 
+_ignore_after = False  # the CLI process: after a command's body, stop signals are ignored
+
+
+def ignore_signals_after_commands() -> None:
+    """For the CLI's own process: once a command's body has ended, its outcome stands.
+
+    Restoring the default handlers there let a Ctrl-C or hang-up that came
+    just as a job finished kill the process on its way out (exit -2 or -1
+    after "done"). In-process callers (tests) keep getting their handlers back.
+    """
+    global _ignore_after
+    _ignore_after = True
+
+
 def reset() -> None:
     """Forget an earlier stop: a new command starts (the CLI's entry point calls this)."""
     _signalled.clear()
@@ -95,7 +109,7 @@ def stop_on_signals() -> Iterator[Stop]:
     finally:
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_IGN if _ignore_after else handler)
         os.close(write_fd)  # the watcher reads end-of-file and returns
         watcher.join(timeout=1.0)
         os.close(read_fd)
