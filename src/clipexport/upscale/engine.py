@@ -302,8 +302,7 @@ class Upscaler:
                 yield from item
         finally:
             stop.set()
-            worker.join()
-            reader.join(timeout=5.0)
+            _join(worker, reader)
 
     def _work(self, q_in: queue.Queue, q_out: queue.Queue, stop: threading.Event, batch: int) -> None:
         pending: list[np.ndarray] = []
@@ -356,6 +355,22 @@ def _get(q: queue.Queue, stop: threading.Event) -> object | None:
         except queue.Empty:
             continue
     return None
+
+
+def _join(worker: threading.Thread, reader: threading.Thread) -> None:
+    """Wait for both threads, even when a stop signal's exception lands during the wait.
+
+    Leaving early would let the caller close ``frames`` while the reader is
+    still inside it ("generator already executing"), and exit with torch
+    mid-batch; the stop has already been asked for, so the wait is short.
+    """
+    try:
+        worker.join()
+        reader.join(timeout=5.0)
+    except BaseException:
+        worker.join()
+        reader.join(timeout=5.0)
+        raise
 
 
 def _read(frames: Iterable[np.ndarray], q: queue.Queue, stop: threading.Event) -> None:
