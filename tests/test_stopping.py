@@ -111,7 +111,7 @@ def _one_try(clip: Path, out: Path, signals: tuple[int, ...], seed: int) -> tupl
                                            ((signal.SIGHUP, signal.SIGHUP), EXIT_RESUMABLE)],
                          ids=["double-ctrl-c", "sighup"])
 def test_a_hundred_stops_and_not_one_abort(tmp_path, signals, code):
-    clip = make_clip(tmp_path / "clip.mp4", frames=FRAMES, width=32, height=18, fps=24)
+    clip = make_clip(tmp_path / "clip.mp4", frames=4 * FRAMES, width=32, height=18, fps=24)  # about 2 s of work: most signals land mid-job
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda i: _one_try(clip, tmp_path / f"out{i}.mp4", signals, i), range(100)))
     aborts = [(rc, err) for rc, err in results if rc not in (code, 0) or any(s in err for s in ABORT_SIGNS)]
