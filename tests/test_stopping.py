@@ -22,7 +22,7 @@ import pytest
 
 from clipexport.errors import EXIT_RESUMABLE, EXIT_SIGINT, Interrupted
 from clipexport.jobs import JobState, JobStore
-from clipexport.stopping import Stop, stop_on_signals, watch_wakeup_fd
+from clipexport.stopping import Stop, deferred, stop_on_signals, watch_wakeup_fd
 from tests.clips import make_clip
 from tests.pausing import DEADLINE_S, pausing_env, release, wait_paused
 from tests.test_job_locks import FRAMES, assert_frame_exact, finished, paused_at_finalize, spawn
@@ -108,9 +108,7 @@ def _one_try(clip: Path, out: Path, signals: tuple[int, ...], seed: int) -> tupl
 
 @pytest.mark.stress
 @pytest.mark.parametrize("signals, code", [((signal.SIGINT, signal.SIGINT), EXIT_SIGINT),
-                                           pytest.param((signal.SIGHUP, signal.SIGHUP), EXIT_RESUMABLE, marks=pytest.mark.xfail(
-                                               strict=False, reason="known: about 1 stop in 100 ends in 'internal error: "
-                                               "generator already executing' (issue 9 stays open for it)"))],
+                                           ((signal.SIGHUP, signal.SIGHUP), EXIT_RESUMABLE)],
                          ids=["double-ctrl-c", "sighup"])
 def test_a_hundred_stops_and_not_one_abort(tmp_path, signals, code):
     clip = make_clip(tmp_path / "clip.mp4", frames=4 * FRAMES, width=32, height=18, fps=24)  # about 2 s of work: most signals land mid-job
@@ -119,3 +117,15 @@ def test_a_hundred_stops_and_not_one_abort(tmp_path, signals, code):
     aborts = [(rc, err) for rc, err in results if rc not in (code, 0) or any(s in err for s in ABORT_SIGNS)]
     assert aborts == [], aborts[:3]
     assert sum(rc == code for rc, _ in results) >= 50, "most signals land before the job ends"
+
+
+def test_a_stop_inside_a_deferred_block_is_raised_when_the_block_ends():
+    steps = []
+    with pytest.raises(Interrupted) as caught:
+        with stop_on_signals() as stop:
+            stop.announcer = lambda: None
+            with deferred():
+                signal.raise_signal(signal.SIGHUP)
+                steps.append("after the signal")
+            steps.append("after the block")
+    assert steps == ["after the signal"] and caught.value.exit_code == EXIT_RESUMABLE

@@ -6,8 +6,10 @@ package (the session's shared cache), on tiny frames: the machine has 2 cores.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
+from contextlib import closing
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from safetensors.torch import save_file
 from torch.nn import functional as F
 
 from clipexport.errors import UsageError
+from clipexport.stopping import stop_on_signals
 from clipexport.upscale import MODELS, Upscaler, archs, load_upscaler
 from clipexport.upscale.engine import usable_cpus
 
@@ -261,3 +264,35 @@ def test_stream_batch_must_be_positive(anime):
     with pytest.raises(ValueError):
         anime.stream([], batch=0)
     assert list(anime.stream([])) == []
+
+
+def test_a_stop_signal_inside_thread_start_waits_for_both_threads(anime, monkeypatch):
+    """The CI failure "generator already executing": a stop landed while start() waited for a thread.
+
+    Forced: SIGINT is raised as the worker thread starts, while the reader is
+    inside the source generator. The stop must come out of the stream only
+    once both threads are done, so that closing the source cannot fail.
+    """
+    inside = threading.Event()
+
+    def source():
+        yield frames(1, 8, 8, seed=0)[0]
+        inside.set()
+        time.sleep(0.3)  # the reader is in here when the stop lands
+        yield frames(1, 8, 8, seed=1)[0]
+
+    real_start = threading.Thread.start
+
+    def start(thread):
+        real_start(thread)
+        if thread.name == "upscale-worker":
+            assert inside.wait(5.0)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    src = source()
+    with pytest.raises(KeyboardInterrupt), stop_on_signals() as stop:
+        stop.announcer = lambda: None
+        with closing(src), closing(anime.stream(src, batch=1)) as upscaled:
+            next(upscaled)
+    assert not any(t.name.startswith("upscale-") for t in threading.enumerate())

@@ -12,6 +12,10 @@ the stop at once ("Stopping…", rows drawn as interrupted), and the Python
 handler acts on the first signal only: SIGINT raises KeyboardInterrupt,
 SIGTERM and SIGHUP raise `Interrupted` with their exit codes, and every
 later signal is a no-op until the command ends.
+
+A stop's exception can still land at any bytecode of the main thread. The
+few steps that must not be cut in half (starting a pair of threads whose
+cleanup assumes both run) hold it with `deferred()` until they are done.
 """
 
 from __future__ import annotations
@@ -51,6 +55,32 @@ def reset() -> None:
     _signalled.clear()
 
 
+_deferring = 0  # depth of `deferred()` blocks in the main thread
+_held: list[BaseException] = []  # a stop's exception that came inside one
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold a stop's exception until the block ends, then raise it there.
+
+    For steps that a stop must not cut in half: an exception raised inside
+    `Thread.start()` leaves a thread running that no `finally` will join, and
+    closing the generator it reads then fails ("generator already executing").
+    Only the main thread runs signal handlers, so elsewhere this does nothing.
+    """
+    global _deferring
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if _deferring == 0 and _held:
+            raise _held.pop()
+
+
 def signalled() -> bool:
     """Whether a stop signal was acted on since `reset()`: the process must then leave by `os._exit`."""
     return _signalled.is_set()
@@ -85,10 +115,19 @@ class Stop:
         self.acting = True
         _signalled.set()
         self.announce()
-        if signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_RESUMABLE
-        raise Interrupted("stopped by signal", exit_code=code)
+        exc = _stop_exception(signum)
+        if _deferring:
+            _held.append(exc)
+            return
+        raise exc
+
+
+def _stop_exception(signum: int) -> BaseException:
+    """What a stop signal raises: KeyboardInterrupt for SIGINT, `Interrupted` with its exit code else."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt()
+    code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_RESUMABLE
+    return Interrupted("stopped by signal", exit_code=code)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from typing import Any
 from clipexport.backends.base import EmitFn
 from clipexport.backends.probe import probe_speed
 from clipexport.errors import BackendError, ClipexportError, Interrupted
+from clipexport.stopping import deferred
 from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment
 
@@ -99,8 +100,9 @@ class LocalBackend:
                 result["error"] = exc
 
         thread = threading.Thread(target=load, name="load-model", daemon=True)
-        thread.start()
         try:
+            with deferred():  # a stop inside start() would skip the grace below
+                thread.start()
             while thread.is_alive():
                 thread.join(HEARTBEAT_S)
                 if thread.is_alive():

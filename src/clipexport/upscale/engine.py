@@ -49,6 +49,7 @@ from torch.nn import functional as F
 
 from clipexport.errors import ModelError, UsageError
 from clipexport.options import env_value
+from clipexport.stopping import deferred
 from clipexport.upscale import precision as _precision
 from clipexport.upscale.archs import SRVGGNetCompact, build, input_multiple
 from clipexport.upscale.registry import ModelSpec, get_spec
@@ -285,9 +286,10 @@ class Upscaler:
         worker = threading.Thread(
             target=self._work, args=(q_in, q_out, stop, batch), name="upscale-worker", daemon=True
         )
-        reader.start()
-        worker.start()
         try:
+            with deferred():  # a stop inside start() would leave a thread no `finally` joins
+                reader.start()
+                worker.start()
             while True:
                 try:
                     item = q_out.get(timeout=0.5)
@@ -363,14 +365,13 @@ def _join(worker: threading.Thread, reader: threading.Thread) -> None:
     Leaving early would let the caller close ``frames`` while the reader is
     still inside it ("generator already executing"), and exit with torch
     mid-batch; the stop has already been asked for, so the wait is short.
+    A thread that failed to start (no thread could be made) is skipped.
     """
-    try:
-        worker.join()
-        reader.join(timeout=5.0)
-    except BaseException:
-        worker.join()
-        reader.join(timeout=5.0)
-        raise
+    with deferred():
+        if worker.ident is not None:
+            worker.join()
+        if reader.ident is not None:
+            reader.join(timeout=5.0)
 
 
 def _read(frames: Iterable[np.ndarray], q: queue.Queue, stop: threading.Event) -> None:
