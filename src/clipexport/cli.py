@@ -281,7 +281,7 @@ def render(
                                                   help="Where the local backend upscales.")] = None,
     precision: Annotated[Optional[str], typer.Option(
         metavar="auto|fp32|bf16|fp16", rich_help_panel=MODEL,
-        help="auto (default): fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX, else fp32.")] = None,
+        help="auto (default): fp16 on CUDA, bf16 on CPUs with AMX, else fp32.")] = None,
     segment_frames: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=MODEL,
                                                           help="Frames per segment, the unit of work and resume.")] = None,
     backend: Annotated[Optional[str], typer.Option(metavar="local|modal", rich_help_panel=CLOUD,
