@@ -189,16 +189,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     default = resolve("auto", "cpu")
-    precisions = ["fp32"] + (["bf16"] if default == "bf16" else [])
+    precisions = ("fp32", "bf16")  # both, whichever auto picks: the table shows why it picks it
     ups = {p: load_upscaler(args.model, device="cpu", precision=p, tile=0) for p in precisions}
+
+    def row(p: str, b: int) -> str:
+        return f"clipexport {p}{' (auto)' if p == default else ''}, batch {b}"
+
     rows: dict[str, Callable] = {"ncnn fp32 (baseline)": ncnn_engine(args.model, args.threads),
                                  "naive loop (reference script), fp32": naive_engine(ups["fp32"])}
     for p in precisions:
         for b in batches:
-            tag = " (auto)" if p == default else ""
-            rows[f"clipexport {p}{tag}, batch {b}"] = stream_engine(ups[p], b)
+            rows[row(p, b)] = stream_engine(ups[p], b)
     chosen = ups[default].default_batch  # what render's stream runs
-    engine_row = f"clipexport {default} (auto), batch {chosen if chosen in batches else batches[0]}"
+    engine_row = row(default, chosen if chosen in batches else batches[0])
 
     with tempfile.TemporaryDirectory(prefix="upscale-fps-") as tmp:
         clip = Path(tmp) / "clip.mp4"
@@ -217,7 +220,7 @@ def main() -> None:
         rendered = decode(Path(tmp) / "out.mp4") if args.render else []
 
     n = len(frames)
-    ref = outputs["clipexport fp32, batch " + str(batches[0])]
+    ref = outputs[row("fp32", batches[0])]
     base = n / min(times["ncnn fp32 (baseline)"])
     print(f"{n} frames {width}x{height} -> x{ups['fp32'].scale}, {args.model}, cpu, {args.threads} threads, "
           f"auto = {default}, best of {args.repeat} alternating runs; PSNR against clipexport fp32")
