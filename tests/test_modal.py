@@ -25,8 +25,11 @@ import pytest
 from clipexport import events
 from clipexport.backends.modal import CallCancelled, CallExpired, ModalBackend, cancel_calls
 from clipexport.errors import BackendError, Interrupted
+from clipexport.facts import JobFacts
+from clipexport.orchestrator import cancel_job
 from clipexport.remote import channel_prefix, task_from_dict, task_to_dict
 from clipexport.storage import content_key
+from clipexport.worker import fragment_prefix
 from tests.clips import read_index
 from tests.fake_modal import MODEL, SCALE, FakeModal, make_job
 from tests.s3server import seaweed  # noqa: F401 - a fixture
@@ -709,3 +712,20 @@ def test_containers_are_pooled_per_variant_and_scale_down(tmp_path):
     svc.scaledown_window_s = 0.0  # every idle container has now scaled down
     assert len(run("d", 13, "L4")) == len(first) + 1
     assert all(c.stopped is not None for c in svc.containers if c.name in first)
+
+
+def test_cancel_job_deletes_the_fragments_a_container_kept_in_the_store(tmp_path, monkeypatch):
+    """A preempted container leaves whole fragments under `<segment>.partial/<job>/`; the job's cancel drops them."""
+    job = make_job(tmp_path, frames=20, segment_frames=10)
+    svc = FakeModal(tmp_path / "fake")
+    monkeypatch.setattr("clipexport.backends.modal.RealModalClient", svc.client)
+    facts = JobFacts(job.store, job.id)
+    for task in job.tasks:
+        facts.set_segment_key(task.segment.name, task.key)
+    mine = fragment_prefix(job.tasks[0].key, job.id)
+    others = fragment_prefix(job.tasks[0].key, "cx-other")
+    for prefix in (mine, others):
+        job.storage.put_bytes(prefix + "00000.mp4", b"a whole fragment")
+    cancel_job(job.store, job.id, segment_root=tmp_path / "segments", wait_s=0)
+    assert job.storage.list(mine) == []
+    assert [info.key for info in job.storage.list(others)] == [others + "00000.mp4"], "another job's are kept"

@@ -24,6 +24,7 @@ from tests.clips import make_clip, read_index
 
 FPS = 24
 RUN = [sys.executable, "-m", "tests.counted_run"]
+CLI = [sys.executable, "-m", "clipexport"]
 DEADLINE_S = 240
 
 
@@ -94,6 +95,17 @@ def test_sigkill_61_frames_into_a_segment_redoes_at_most_a_second(tmp_path, clip
     starts = [(e["attempt"], e.get("done")) for e in log
               if e["type"] == "phase_start" and e.get("part") == "seg-0001" and e["phase"] == "upscale"]
     assert starts == [(1, 0), (2, 48)], "attempt 2 is shown from the frames it kept"
+
+
+def test_cancel_drops_the_fragments_of_a_killed_job(tmp_path, clipexport_home):
+    clip = make_clip(tmp_path / "clip.mp4", frames=60, width=32, height=18, fps=FPS)
+    counted = Counted(tmp_path, clipexport_home)
+    killed = counted.run(*render_args(clip, tmp_path / "out.mp4"), kill_at=30)
+    assert killed.returncode == -9, killed.stderr
+    assert counted.kept() == FPS, "one whole fragment was on disk"
+    cancelled = subprocess.run([*CLI, "cancel", counted.job()], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert list(counted.segments.glob("*.partial*")) == [], "a cancelled job's fragments are its own: gone"
 
 
 @pytest.mark.stress

@@ -51,7 +51,7 @@ from clipexport.storage import ProgressChannel, Storage, hash_file
 from clipexport.validate import check_encoder, check_name_length, check_spec, hidden_name
 from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.registry import MODELS
-from clipexport.worker import SegmentTask, segment_key
+from clipexport.worker import SegmentTask, fragment_prefix, fragments_beside, scratch_path, segment_key
 
 OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
 logger = logging.getLogger(__name__)
@@ -583,6 +583,7 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
         _cancel_remote(store, record)
         for tmp in partial_outputs(record.spec, job_id):
             tmp.unlink(missing_ok=True)
+        _drop_fragments(store, job_id, segment_root)
         kept = _purge_segments(store, job_id, segment_root) if purge else 0
         record = store.transition(job_id, JobState.CANCELLED, "cancelled by user")
         log_path = store.log_path(job_id)
@@ -595,6 +596,13 @@ def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool 
     finally:
         lock.release()
     return record, kept
+
+
+def _drop_fragments(store: JobStore, job_id: str, segment_root: Path) -> None:
+    """Delete the fragments of the job's unfinished segments, here: they are named after the job, no one else's."""
+    for key in JobFacts(store, job_id).segment_keys().values():
+        for out in (segment_root / key, scratch_path(segment_root, key)):
+            fragments_beside(out, job_id).clear()
 
 
 def _purge_segments(store: JobStore, job_id: str, segment_root: Path) -> int:
@@ -618,7 +626,11 @@ def _cancel_remote(store: JobStore, record: JobRecord) -> None:
     if spec.storage is not None:
         from clipexport.storage import open_storage
 
-        open_storage(spec.storage, endpoint_url=spec.endpoint_url).abort_uploads(JobFacts(store, record.id).transfers())
+        storage = open_storage(spec.storage, endpoint_url=spec.endpoint_url)
+        facts = JobFacts(store, record.id)
+        storage.abort_uploads(facts.transfers())
+        for key in facts.segment_keys().values():  # fragments a container kept in the store
+            storage.delete_prefix(fragment_prefix(key, record.id))
     if spec.backend == "modal":
         from clipexport.backends.modal import RealModalClient, cancel_calls
 

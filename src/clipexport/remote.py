@@ -55,7 +55,7 @@ from typing import Any
 from clipexport.errors import BackendError, ClipexportError, RemoteFailure
 from clipexport.media import ClipPlan, Segment
 from clipexport.storage import ProgressChannel, Storage, open_storage
-from clipexport.worker import FragmentDir, FrameUpscaler, SegmentTask, run_segment
+from clipexport.worker import FragmentDir, FrameUpscaler, SegmentTask, fragment_prefix, run_segment
 
 logger = logging.getLogger("clipexport.remote")
 
@@ -185,7 +185,7 @@ class StoredFragments(FragmentDir):
     """
 
     def __init__(self, storage: Storage, key: str, job: str, cache: Path) -> None:
-        self.prefix = f"{Path(key).with_suffix('.partial').as_posix()}/{job}/"
+        self.prefix = fragment_prefix(key, job)
         super().__init__(cache / self.prefix)
         self.storage = storage
 

@@ -149,9 +149,22 @@ class FragmentDir:
             self.root.parent.rmdir()
 
 
+def fragment_prefix(key: str, job: str) -> str:
+    """Where a job's fragments of segment `key` are kept, beside the segment: `<key stem>.partial/<job>/`.
+
+    Named after the job, so they are that job's alone: a cancel drops them.
+    """
+    return f"{Path(key).with_suffix('.partial').as_posix()}/{job}/"
+
+
 def fragments_beside(out_path: Path, job: str) -> FragmentDir:
-    """A job's fragments of the segment that will be `out_path`: `<name>.partial/<job>/` beside it."""
-    return FragmentDir(out_path.with_suffix(".partial") / job)
+    """A job's fragments of the segment that will be `out_path`, in the folder beside it."""
+    return FragmentDir(out_path.parent / fragment_prefix(out_path.name, job))
+
+
+def scratch_path(root: Path, key: str) -> Path:
+    """Where a backend that stores segments elsewhere writes segment `key` first (its fragments beside it)."""
+    return root / "scratch" / key
 
 
 def run_segment(

@@ -20,7 +20,7 @@ from clipexport.backends.probe import probe_speed
 from clipexport.errors import BackendError, ClipexportError, Interrupted
 from clipexport.stopping import deferred
 from clipexport.storage import Storage
-from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment
+from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment, scratch_path
 
 HEARTBEAT_S = 1.0
 LOAD_GRACE_S = 30.0  # how long a stop waits for a model load in progress
@@ -61,7 +61,7 @@ class LocalBackend:
 
     def _run_to_store(self, task: SegmentTask, upscaler: FrameUpscaler, emit: EmitFn) -> None:
         """Fragments stay here until the segment is in the store: a kill before that loses none."""
-        scratch = self.root / "scratch" / task.key
+        scratch = scratch_path(self.root, task.key)
         fragments = fragments_beside(scratch, task.job)
         last = None
         try:
