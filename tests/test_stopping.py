@@ -129,3 +129,15 @@ def test_a_stop_inside_a_deferred_block_is_raised_when_the_block_ends():
                 steps.append("after the signal")
             steps.append("after the block")
     assert steps == ["after the signal"] and caught.value.exit_code == EXIT_RESUMABLE
+
+
+def test_quiet_stops_without_stopping_and_says_only_how_it_ended(tmp_path, clipexport_home):
+    clip = make_clip(tmp_path / "clip.mp4", frames=FRAMES, width=32, height=18, fps=24)
+    pauses = tmp_path / "pauses"
+    proc = spawn("render", str(clip), "-o", str(tmp_path / "out.mp4"), "--scale", "2", "-q",
+                 env=pausing_env(pauses, "finalize"))
+    wait_paused(pauses, "finalize", proc)
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finished(proc)
+    assert code == EXIT_SIGINT, err
+    assert "Stopping" not in err and len(err.splitlines()) == 1 and "clipexport resume" in err, err

@@ -155,6 +155,13 @@ def _note(message: str) -> None:
         _say(message)
 
 
+def _quiet_if_asked(stop: Stop) -> Stop:
+    """With --quiet, a stop is not announced ("Stopping…" is not an error); its outcome line still is."""
+    if _QUIET:
+        stop.announcer = lambda: None
+    return stop
+
+
 def _mode(json_out: bool, quiet: bool, progress: str) -> str:
     """The display: --json wins, then --quiet (nothing), then --progress."""
     return "json" if json_out else "none" if quiet else progress
@@ -348,7 +355,7 @@ def render(
         store = _store()
         job_id = new_job_id()
         with ExitStack() as held:
-            stop = held.enter_context(stop_on_signals())  # from before the job id is shown
+            stop = _quiet_if_asked(held.enter_context(stop_on_signals()))  # from before the job id is shown
             held.callback(lock_output(store.root, spec.output, job=job_id, force=force, on_wait=_note).release)
             check_output(spec, force)  # again, now that no other job can be finishing a file there
             held.callback(lock_job(store.root, job_id).release)
@@ -524,7 +531,8 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
             "job %s: event log %s; segments in %s; backend %s, device %s, model %s x%s, %s frames a segment",
             record.id, store.log_path(record.id), segment_root, spec.backend, _device_name(spec), spec.model,
             spec.scale, spec.segment_frames)
-        stop.announcer = display.stopping
+        if not _QUIET:
+            stop.announcer = display.stopping
         runner = JobRunner(
             store, record,
             segment_root=segment_root,
@@ -597,7 +605,7 @@ def resume(
         store = _store()
         store.get(job)  # an unknown job is named before anything is locked
         with ExitStack() as held:
-            stop = held.enter_context(stop_on_signals())
+            stop = _quiet_if_asked(held.enter_context(stop_on_signals()))
             held.callback(lock_job(store.root, job).release)
             record = store.get(job)  # as it stands now that no other process runs it
             if record.state == JobState.DONE:
