@@ -380,7 +380,8 @@ class _PartView:
                 continue
             common = {"phase": phase, "part": self.name, "unit": "frames", "total": p.get("total"), "attempt": attempt}
             if phase not in self.started:
-                start = {"type": "phase_start", **common}
+                # Where the attempt is: the frames an earlier one kept, as the local backend says.
+                start = {"type": "phase_start", **common, "done": int(p.get("done") or 0)}
                 if lane:
                     start["worker"] = lane
                 for extra_field in ("container", "gpu"):
