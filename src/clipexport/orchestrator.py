@@ -309,7 +309,7 @@ class JobRunner:
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
-        self.damage = damage_report(prepared, self.store.facts(self.job, "segment:"))
+        self.damage = damage_report(prepared, JobFacts(self.store, self.job))
         if self.damage is not None and self.spec.strict:
             raise DamagedInput(self.damage.replace("they were repeated from the previous frame",
                                                    "--strict makes that fatal"))
@@ -501,12 +501,12 @@ def damage_note(segment_root: Path, key: str) -> Path:
     return segment_root / f"{key}.damaged.json"
 
 
-def damage_report(prepared: Prepared, facts: dict[str, Any]) -> str | None:
-    """One line on the output frames that repeat an undecodable one, from the segments' facts."""
+def damage_report(prepared: Prepared, facts: JobFacts) -> str | None:
+    """One line on the output frames that repeat an undecodable one, from the finished segments' facts."""
     fps = prepared.plans[0].fps
     offsets = [sum(p.frames for p in prepared.plans[:i]) for i in range(len(prepared.plans))]
     frames = sorted(offsets[seg.clip] + k for seg in prepared.segments
-                    for k in (facts.get(f"segment:{seg.name}") or {}).get("damaged", []))
+                    for k in (facts.finished(seg.name) or {}).get("damaged", []))
     if not frames:
         return None
     span = f"{_mmss(frames[0] / fps)}–{_mmss((frames[-1] + 1) / fps)}"
