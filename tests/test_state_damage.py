@@ -8,8 +8,10 @@ CLIPEXPORT_HOME that is a file or relative.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from typer.testing import CliRunner
 from clipexport import config
 from clipexport.cli import app
 from clipexport.errors import EXIT_RESUMABLE, EXIT_STATE
-from clipexport.jobs import JobState, JobStore
+from clipexport.jobs import JobSpec, JobState, JobStore
 from tests.clips import make_clip, read_index
 from tests.pausing import DEADLINE_S, pausing_env, release, wait_paused
 from tests.test_job_locks import FRAMES, finished, killed_at_finalize, paused_at_finalize, spawn
@@ -163,3 +165,20 @@ def test_clipexport_home_that_is_a_file_or_relative(tmp_path, monkeypatch):
     assert config.state_dir() == tmp_path / "relative-home" / "state"
     assert runner.invoke(app, ["jobs"]).exit_code == 0
     assert (tmp_path / "relative-home" / "state" / "jobs.db").is_file()
+
+
+def test_a_job_written_by_a_newer_version_is_listed_and_cancelled_but_not_resumed(clipexport_home):
+    """A setting this version does not know is not fatal to `jobs`; only `resume` must refuse it."""
+    store = JobStore(clipexport_home / "state")
+    record = store.create(JobSpec(inputs=["/nowhere/a.mp4"], output="/nowhere/o.mp4", model="realesr-animevideov3",
+                                  scale=2))
+    store.transition(record.id, JobState.INTERRUPTED, "killed")
+    with sqlite3.connect(clipexport_home / "state" / "jobs.db") as db:
+        (text,) = db.execute("SELECT spec FROM jobs WHERE id = ?", (record.id,)).fetchone()
+        db.execute("UPDATE jobs SET spec = ? WHERE id = ?", (json.dumps({**json.loads(text), "grain": 3}), record.id))
+    assert store.get(record.id).spec.unknown == ("grain",)
+    listed = runner.invoke(app, ["jobs"])
+    assert listed.exit_code == 0 and record.id in listed.stdout, listed.stderr
+    assert_one_line(runner.invoke(app, ["resume", record.id]), 2, "newer clipexport", "grain")
+    assert runner.invoke(app, ["cancel", record.id]).exit_code == 0
+    assert store.get(record.id).state == JobState.CANCELLED

@@ -629,6 +629,9 @@ def _check_resumable(record: JobRecord) -> None:
     """A job this process holds the lock of: `running` only means its runner died."""
     if record.state not in RESUMABLE:
         raise JobLookupError(f"job {record.id} is {record.state.value}; nothing to resume")
+    if record.spec.unknown:
+        raise JobLookupError(f"job {record.id} was started by a newer clipexport (it sets "
+                             f"{', '.join(record.spec.unknown)}); resume it with that version, or cancel it")
 
 
 def _alive(pid: int | None) -> bool:

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,25 @@ class JobSpec:
     each: str | None = None  # a directory: each input to its own file there (`output` is that directory)
     precision: str = "auto"
     strict: bool = False  # frames that cannot be decoded fail the job instead of repeating the previous one
+    #: Settings in the stored spec that this version does not know (a newer one wrote it); never stored.
+    unknown: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        del data["unknown"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> JobSpec:
-        return cls(**json.loads(text))
+        """Read a stored spec; settings a newer version added are named in `unknown`, not fatal.
+
+        `jobs`, `status` and `cancel` must still work on such a job; only
+        `resume` refuses it, since it would run without those settings.
+        """
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)} - {"unknown"}
+        extra = tuple(sorted(set(data) - known))
+        return cls(**{k: v for k, v in data.items() if k in known}, unknown=extra)
 
 
 @dataclass(frozen=True)
