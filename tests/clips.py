@@ -24,7 +24,8 @@ import numpy as np
 BITS = 8
 
 _ENCODERS = {"h264": "libx264", "hevc": "libx265", "libx264": "libx264", "libx265": "libx265"}
-_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".m4a": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm"}
+_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".m4a": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm",
+            ".ts": "mpegts", ".h264": "h264"}
 
 
 def index_image(index: int, width: int, height: int) -> np.ndarray:
@@ -176,6 +177,31 @@ def make_clip(
     return path
 
 
+def strip_leading_timestamps(path: Path, count: int) -> Path:
+    """Clear the timestamps of the first ``count`` video packets of an MPEG-TS file, in place.
+
+    Muxers refuse to write a packet without a timestamp, so the PES headers
+    are edited: their PTS/DTS flags cleared, the bytes turned into stuffing
+    (0xFF), which keeps every 188-byte packet the same length.
+    """
+    data = bytearray(Path(path).read_bytes())
+    cleared = 0
+    for off in range(0, len(data), 188):
+        if cleared == count:
+            break
+        if data[off] != 0x47 or not data[off + 1] & 0x40 or not data[off + 3] & 0x10:
+            continue  # not the start of a PES, or no payload
+        p = off + 4 + (1 + data[off + 4] if data[off + 3] & 0x20 else 0)  # past the adaptation field
+        if data[p:p + 3] != b"\x00\x00\x01" or not 0xE0 <= data[p + 3] <= 0xEF or not data[p + 7] & 0xC0:
+            continue  # not a video PES with timestamps
+        size = 5 if data[p + 7] & 0xC0 == 0x80 else 10
+        data[p + 7] &= 0x3F
+        data[p + 9:p + 9 + size] = b"\xff" * size
+        cleared += 1
+    Path(path).write_bytes(bytes(data))
+    return Path(path)
+
+
 def _encode_all(container: Any, stream: Any, frames: Any) -> None:
     """Encode and mux every frame, then flush the encoder."""
     for frame in frames:
@@ -202,6 +228,16 @@ def make_no_frames(path: Path) -> Path:
     astream = container.add_stream("aac", rate=48000, layout="stereo")
     _encode_all(container, astream, _audio_frames(48000 // 4, 48000, "stereo", 440.0, "aac"))
     container.close()
+    return path
+
+
+def make_damaged(path: Path) -> Path:
+    """30 frames at 24 fps (keyframe every 5) with 600 bytes overwritten a third of the way into the video data."""
+    clip = make_clip(path.with_name(f"whole-{path.name}"), frames=30, width=64, height=36, audio=False, gop=5)
+    data = bytearray(clip.read_bytes())
+    start = data.find(b"mdat") + 8 + (len(data) - data.find(b"mdat")) // 3
+    data[start:start + 600] = bytes((k * 7919) & 0xFF for k in range(start, start + 600))
+    path.write_bytes(bytes(data))
     return path
 
 

@@ -482,15 +482,15 @@ class Job:
 
 
 def make_job(tmp_path: Path, *, frames: int = 30, segment_frames: int = 10, parallel: int = 2,
-             storage: Any = None) -> Job:
-    """A 64x36 clip cut into segments, uploaded (to a file:// store by default), tasks ready."""
+             storage: Any = None, clip: Path | None = None) -> Job:
+    """A 64x36 clip (or `clip`) cut into segments, uploaded (to a file:// store by default), tasks ready."""
     from clipexport.jobs import JobSpec, JobStore
     from clipexport.media import plan_clips, plan_segments, probe
     from clipexport.storage import content_key, hash_file, open_storage
     from clipexport.worker import SegmentTask, segment_key
     from tests.clips import make_clip
 
-    clip = make_clip(tmp_path / "in.mp4", frames=frames, width=64, height=36, fps=24)
+    clip = clip or make_clip(tmp_path / "in.mp4", frames=frames, width=64, height=36, fps=24)
     storage = storage or open_storage((tmp_path / "bucket").as_uri())
     sha = hash_file(clip)
     input_key = content_key(sha, ".mp4")

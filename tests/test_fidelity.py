@@ -11,7 +11,7 @@ import pytest
 
 from clipexport import cli
 from clipexport.media import probe
-from tests.clips import make_clip, read_index
+from tests.clips import make_clip, make_damaged, read_index, strip_leading_timestamps
 
 
 def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -72,16 +72,6 @@ def test_every_audio_track_is_kept(trim, tmp_path, capsys):
     assert all(codec == "aac" and abs(length - seconds) < 0.05 for codec, length in tracks), tracks
 
 
-def make_damaged(path: Path) -> Path:
-    """30 frames (keyframe every 5) with 600 bytes overwritten a third of the way into the video data."""
-    clip = make_clip(path.with_name("whole.mp4"), frames=30, width=64, height=36, audio=False, gop=5)
-    data = bytearray(clip.read_bytes())
-    start = data.find(b"mdat") + 8 + (len(data) - data.find(b"mdat")) // 3
-    data[start:start + 600] = bytes((k * 7919) & 0xFF for k in range(start, start + 600))
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_undecodable_frames_are_reported_once_and_fatal_with_strict(tmp_path, capsys):
     clip = make_damaged(tmp_path / "damaged.mp4")
     out = tmp_path / "out.mp4"
@@ -107,16 +97,85 @@ def test_undecodable_frames_are_reported_once_and_fatal_with_strict(tmp_path, ca
 
 
 
-def test_variable_frame_rate_keeps_its_last_frame_and_its_length(tmp_path, capsys):
-    times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]  # the last frame comes after a long hold
-    clip = make_clip(tmp_path / "vfr.mkv", frame_times=times, width=64, height=36, audio=False)
-    out = tmp_path / "out.mp4"
-
-    code, _, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none"], capsys)
-
+def render_frames(clip: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[list[int], float]:
+    """Render `clip` x2 (strict: no frame may count as damaged); the output's frame indices and seconds."""
+    code, _, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "none",
+                                "--strict"], capsys)
     assert code == 0, stderr
-    indices, _, _ = video_of(out)
-    assert len(indices) == len(times) and indices[0] == 0 and indices[-1] == len(times) - 1
     with av.open(str(out)) as container:
         seconds = float(container.duration) / av.time_base
-    assert 1.2 <= seconds <= 1.5  # the clip's real span, not 8 frames at a rate the header guessed
+    return video_of(out)[0], seconds
+
+
+@pytest.mark.parametrize(("name", "times"), [
+    ("hold.mkv", [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]),  # the last frame comes after a long hold
+    ("hold.mp4", [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]),  # ... past the duration the .mp4's header gives
+    ("burst.mp4", [0, 0.1, 0.2, 0.21, 0.22, 0.3, 0.4, 0.5]),  # three frames 10 ms apart
+])
+def test_variable_frame_rate_keeps_every_frame_and_its_length(name, times, tmp_path, capsys):
+    clip = make_clip(tmp_path / name, frame_times=times, width=64, height=36, audio=False)
+
+    indices, seconds = render_frames(clip, tmp_path / "out.mp4", capsys)
+
+    assert sorted(set(indices)) == list(range(len(times))) and indices == sorted(indices), indices
+    assert len(indices) <= len(times) + 1  # a burst is pushed into the slots after it, not kept at a higher rate
+    assert times[-1] < seconds <= times[-1] + 0.3, seconds  # the clip's real span, not frames at a guessed rate
+
+
+def test_frames_without_timestamps_are_kept_in_place(tmp_path, capsys):
+    """MPEG-TS whose first three video packets lost their timestamps; its audio stays in step."""
+    clip = strip_leading_timestamps(make_clip(tmp_path / "cut.ts", frames=12, width=64, height=36), 3)
+    out = tmp_path / "out.mp4"
+
+    indices, seconds = render_frames(clip, out, capsys)
+
+    assert indices == list(range(12)) and seconds == pytest.approx(0.5, abs=0.05)
+    [(codec, length)] = audio_tracks_of(out)
+    assert length == pytest.approx(0.5, abs=0.05)
+
+
+def test_raw_h264_renders_at_the_rate_its_stream_gives(tmp_path, capsys):
+    clip = make_clip(tmp_path / "raw.h264", frames=12, fps=30, width=64, height=36, audio=False)
+    out = tmp_path / "out.mp4"
+
+    indices, seconds = render_frames(clip, out, capsys)
+
+    assert indices == list(range(12)) and seconds == pytest.approx(0.4, abs=0.05)
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].average_rate == 30
+
+
+class _StopsAfter:
+    """The real upscaler, raising once `after` frames came out: a run stopped mid-segment."""
+
+    def __init__(self, inner, after: int) -> None:  # noqa: ANN001
+        self.inner, self.after, self.scale, self.frames = inner, after, inner.scale, 0
+
+    def stream(self, frames, *, batch: int | None = None):  # noqa: ANN001, ANN201
+        for frame in self.inner.stream(frames, batch=batch):
+            if self.frames == self.after:
+                raise RuntimeError("stopped")
+            self.frames += 1
+            yield frame
+
+
+def test_damage_in_fragments_kept_from_a_stopped_run_is_reported_again(tmp_path):
+    """30 damaged frames at 24 fps: fragments of 24 and 6; stopped in the second, resumed after the first."""
+    from clipexport.media import plan_clips, plan_segments
+    from clipexport.upscale import load_upscaler
+    from clipexport.worker import SegmentTask, run_segment
+
+    plan = plan_clips([probe(make_damaged(tmp_path / "damaged.mp4"))], [None], [None])[0]
+    task = SegmentTask("cx-test", plan_segments([plan.frames], 30)[0], plan, "segments/x.mp4")
+    upscaler = load_upscaler("realesr-animevideov3", scale=2, device="cpu")
+    [whole] = [e for e in run_segment(task, upscaler, tmp_path / "whole.mp4") if e["type"] == "phase_end"
+               and e["phase"] == "encode"]
+    assert any(k < 24 for k in whole["damaged"]), whole  # damage in the first fragment
+
+    out = tmp_path / "stopped.mp4"
+    with pytest.raises(RuntimeError, match="stopped"):
+        list(run_segment(task, _StopsAfter(upscaler, 26), out))
+    resumed = list(run_segment(task, upscaler, out))
+
+    assert resumed[0]["done"] == 24  # the first fragment was kept, not redone
+    assert resumed[-1]["type"] == "phase_end" and resumed[-1]["damaged"] == whole["damaged"]

@@ -29,7 +29,7 @@ from clipexport.media import (
     probe,
     read_frames,
 )
-from tests.clips import index_image, make_bad_files, make_clip, read_index
+from tests.clips import index_image, make_bad_files, make_clip, read_index, strip_leading_timestamps
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -355,14 +355,51 @@ def test_fps_resampling_24_after_30_duplicates(clip24: Path, clip30: Path) -> No
     assert got == [math.floor(k * 24 / 30) for k in range(60)]
 
 
-def test_variable_frame_rate_picks_by_pts(tmp_path: Path) -> None:
+def shown_faithfully(got: list[int], times: list[float], fps: Fraction) -> bool:
+    """Every frame shows, in order, never before its own time (a burst may show a little late)."""
+    return (sorted(set(got)) == list(range(len(times))) and got == sorted(got)
+            and all(times[i] <= k / fps + 1e-3 for k, i in enumerate(got)))
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_variable_frame_rate_keeps_every_frame(tmp_path: Path, suffix: str) -> None:
+    """Frames closer together than one output frame (0.10, 0.12; 0.30, 0.33) are pushed apart, not dropped."""
     times = [0, 0.04, 0.1, 0.12, 0.2, 0.3, 0.33, 0.4]
-    info = probe(make_clip(tmp_path / "vfr.mp4", frame_times=times))
+    info = probe(make_clip(tmp_path / f"vfr{suffix}", frame_times=times, audio=False))
+    assert info.crowded
     plan = plan_clips([info], [None], [None])[0]
     got = indices(plan, 0, plan.frames)
-    expect = [max(i for i, t in enumerate(times) if t <= float(k / info.fps) + 1e-3) for k in range(plan.frames)]
-    expect[-1] = len(times) - 1  # the last slot shows the last frame, even when it comes later than that slot
-    assert got == expect and expect[-2] != expect[-1]
+    assert shown_faithfully(got, times, plan.fps), got
+    assert plan.frames <= len(times) + 2  # the pushes are taken back at the holds
+    pieces = [i for start in range(0, plan.frames, 3) for i in indices(plan, start, min(3, plan.frames - start))]
+    assert pieces == got  # segments read the same frames as one pass
+
+
+def test_header_that_misstates_the_duration_is_measured(tmp_path: Path) -> None:
+    """An .mp4 whose last frame lies past the duration its header gives (evenly spaced decode times)."""
+    times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]
+    info = probe(make_clip(tmp_path / "hold.mp4", frame_times=times, audio=False))
+    assert info.duration == pytest.approx(1.3, abs=0.01) and info.frames == 8
+    plan = plan_clips([info], [None], [None])[0]
+    assert indices(plan, 0, plan.frames) == list(range(8))
+
+
+def test_frames_without_timestamps_keep_their_place(tmp_path: Path) -> None:
+    """MPEG-TS whose first 3 video packets carry no timestamp: they come one frame apart before the 4th."""
+    clip = strip_leading_timestamps(make_clip(tmp_path / "cut.ts", frames=30, gop=6, audio=False), 3)
+    info = probe(clip)
+    assert (info.frames, info.fps, info.duration) == (30, 24, pytest.approx(1.25))
+    plan = plan_clips([info], [None], [None])[0]
+    assert indices(plan, 0, 30) == list(range(30))
+    assert [i for start in (0, 7, 19) for i in indices(plan, start, {0: 7, 7: 12, 19: 11}[start])] == list(range(30))
+
+
+def test_raw_stream_runs_at_its_own_rate(tmp_path: Path) -> None:
+    """A raw H.264 stream has no container timestamps: frames follow each other at the rate its SPS gives."""
+    info = probe(make_clip(tmp_path / "raw.h264", frames=30, fps=30, gop=6, audio=False))
+    assert (info.frames, info.fps, info.duration) == (30, 30, pytest.approx(1.0))
+    plan = plan_clips([info], [None], [None])[0]
+    assert [i for start in (0, 13) for i in indices(plan, start, 13 if start == 0 else 17)] == list(range(30))
 
 
 def test_crop_and_resize(tmp_path: Path, clip24: Path) -> None:

@@ -733,3 +733,23 @@ def test_cancel_job_deletes_the_fragments_a_container_kept_in_the_store(tmp_path
     cancel_job(job.store, job.id, segment_root=tmp_path / "segments", wait_s=0)
     assert job.storage.list(mine) == []
     assert [info.key for info in job.storage.list(others)] == [others + "00000.mp4"], "another job's are kept"
+
+
+def test_damaged_frames_found_in_a_container_reach_the_client(tmp_path):
+    """A damaged clip on Modal: each segment's end carries the frames it repaired, as the local backend's does."""
+    from clipexport.media import read_frames
+    from tests.clips import make_damaged
+
+    job = make_job(tmp_path, clip=make_damaged(tmp_path / "damaged.mp4"), segment_frames=15)
+    rec = Recorder(job.id)
+    backend(job, FakeModal(tmp_path / "fake").client()).run(job.tasks, rec, threading.Event())
+
+    expected: dict[str, list[int]] = {}
+    for task in job.tasks:  # what the reader finds in each segment, here
+        found: list[int] = []
+        for _ in read_frames(task.clip, task.segment.start, task.segment.count, found):
+            pass
+        expected[task.segment.name] = found
+    assert any(expected.values())
+    ends = {e["part"]: e.get("damaged", []) for e in rec.of("phase_end", "encode") if "part" in e}
+    assert ends == expected

@@ -32,7 +32,8 @@ The channel snapshot of a segment (one object per part)::
      "cold": true, "load_s": 4.2,                            # the first input after the model load
      "key": "segments/....mp4", "skipped": false,
      "phases": {"upscale": {"done": 120, "total": 240, "ended": false, "elapsed": null},
-                "encode":  {"done": 120, "total": 240, "ended": false, "elapsed": null, "bytes": null}},
+                "encode":  {"done": 120, "total": 240, "ended": false, "elapsed": null, "bytes": null,
+                            "damaged": [7, 8]}},                 # only when frames could not be decoded
      "error": null}
 """
 
@@ -199,9 +200,20 @@ class StoredFragments(FragmentDir):
             index += 1
         return index
 
-    def add(self, index: int, written: Path) -> None:
-        super().add(index, written)
+    def add(self, index: int, written: Path, damaged: Sequence[int] = ()) -> None:
+        super().add(index, written, damaged)
+        if damaged:  # before the fragment, as on disk: a stored fragment has its damage stored
+            self.storage.put_bytes(self.prefix + self.note(index).name, json.dumps(list(damaged)).encode())
         self.storage.put_file(self._key(index), self.path(index))
+
+    def damaged(self, count: int) -> list[int]:
+        stored = {info.key for info in self.storage.list(self.prefix)}
+        found: list[int] = []
+        for index in range(count):
+            key = self.prefix + self.note(index).name
+            raw = self.storage.get_bytes(key) if key in stored else None
+            found += json.loads(raw) if raw else []
+        return found
 
     def paths(self, count: int) -> list[Path]:
         paths = super().paths(count)
@@ -381,8 +393,15 @@ class _SegmentRun:
         return self._result(frames=total, size=size, elapsed=0.0, skipped=True)
 
     def _result(self, *, frames: int, size: int, elapsed: float, skipped: bool) -> dict[str, Any]:
+        damaged = self.snapshot["phases"]["encode"].get("damaged") or self.previous_damage()
         return {"part": self.part, "key": self.task.key, "attempt": self.attempt, "frames": frames,
-                "bytes": size, "elapsed": elapsed, "skipped": skipped}
+                "bytes": size, "elapsed": elapsed, "skipped": skipped, **({"damaged": damaged} if damaged else {})}
+
+    def previous_damage(self) -> list[int]:
+        """The damaged frames an earlier run of this part that stored the segment reported."""
+        encode = (self.previous.get("phases") or {}).get("encode")
+        damaged = encode.get("damaged") if isinstance(encode, dict) else None
+        return damaged if isinstance(damaged, list) else []
 
     def _apply(self, event: dict[str, Any]) -> None:
         """Fold one worker event into the snapshot and publish it."""
@@ -401,6 +420,8 @@ class _SegmentRun:
             phase["elapsed"] = event.get("elapsed")
             if "bytes" in event:
                 phase["bytes"] = event["bytes"]
+            if event.get("damaged"):  # the client reports and remembers them as the local backend's
+                phase["damaged"] = event["damaged"]
         self._publish(force=kind in ("phase_start", "phase_end"))
 
     def _publish(self, *, force: bool) -> None:

@@ -91,6 +91,8 @@ def segment_key(
         "crf": crf,
         "precision": precision,
     }
+    if clip.info.crowded:  # its frames are placed so that none is lost (media.plan.pushed_slots)
+        shape["placement"] = "pushed"
     if overlays:  # absent otherwise: keys of segments without overlays stay as they were
         shape["overlays"] = [{k: v for k, v in o.items() if k not in ("png", "path")} for o in overlays]
     digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
@@ -134,9 +136,30 @@ class FragmentDir:
         self.root.mkdir(parents=True, exist_ok=True)
         return self.root / f".{index:05d}.{os.getpid()}.{secrets.token_hex(4)}.tmp{SEGMENT_SUFFIX}"
 
-    def add(self, index: int, written: Path) -> None:
-        """Record fragment `index`, whole in `written`."""
+    def note(self, index: int) -> Path:
+        """Where fragment `index`'s damaged frames are noted (only when it has some)."""
+        return self.root / f"{index:05d}.damaged.json"
+
+    def add(self, index: int, written: Path, damaged: Sequence[int] = ()) -> None:
+        """Record fragment `index`, whole in `written`, with the clip's frames in it that repeat an undecodable one.
+
+        The note goes first: a fragment on record always has its damage
+        noted, so a resumed segment reports the damage of those it keeps.
+        """
+        if damaged:
+            self.note(index).write_text(json.dumps(list(damaged)), encoding="utf-8")
+        else:
+            self.note(index).unlink(missing_ok=True)
         os.replace(written, self.path(index))
+
+    def damaged(self, count: int) -> list[int]:
+        """The damaged frames noted with fragments 0..count-1, whichever run wrote them."""
+        found: list[int] = []
+        for index in range(count):
+            note = self.note(index)
+            if note.is_file():
+                found += json.loads(note.read_text(encoding="utf-8"))
+        return found
 
     def paths(self, count: int) -> list[Path]:
         """The files of fragments 0..count-1, here."""
@@ -198,8 +221,7 @@ def run_segment(
     started = clock()
     yield {"type": "phase_start", "phase": "upscale", **common, "done": kept}
     yield {"type": "phase_start", "phase": "encode", **common, "done": kept}
-    damaged: list[int] = []  # output frames of the clip that repeat an undecodable one (not those kept)
-    done = yield from _encode_fragments(task, upscaler, fragments, kept, common, clock, damaged)
+    done = yield from _encode_fragments(task, upscaler, fragments, kept, common, clock)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{out_path.suffix}")
     try:
@@ -207,6 +229,7 @@ def run_segment(
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+    damaged = fragments.damaged(math.ceil(total / size))  # output frames of the clip that repeat an undecodable one
     if owned:
         fragments.clear()
     elapsed = round(clock() - started, 3)
@@ -225,7 +248,6 @@ def _encode_fragments(
     kept: int,
     common: dict[str, Any],
     clock: Callable[[], float],
-    damaged: list[int],
 ) -> Iterator[dict[str, Any]]:
     """Pipe the frames after the `kept` ones through the model into fragments; return the frames done.
 
@@ -238,6 +260,7 @@ def _encode_fragments(
     size, done = fragment_frames(clip.fps), kept
     painter = Painter(task.overlays, width * scale, height * scale, clip.fps) if task.overlays else None
     throttle = Throttle(clock=clock)
+    damaged: list[int] = []  # filled by the reader as it goes
     # `closing` stops the decoder and the model's threads as soon as anything
     # goes wrong here (Ctrl-C included): a traceback would otherwise keep the
     # stream alive, and a process exiting with torch mid-batch in another
@@ -245,7 +268,7 @@ def _encode_fragments(
     with closing(read_frames(clip, seg.start + done, seg.count - done, damaged)) as frames:
         index = kept // size
         while done < seg.count:
-            count = min(size, seg.count - done)
+            count, noted = min(size, seg.count - done), len(damaged)
             scratch = fragments.scratch(index)
             with (
                 VideoWriter(scratch, width * scale, height * scale, clip.fps, codec=task.codec,
@@ -258,6 +281,6 @@ def _encode_fragments(
                     if throttle.ready():
                         yield {"type": "progress", "phase": "upscale", **common, "done": done}
                         yield {"type": "progress", "phase": "encode", **common, "done": done}
-            fragments.add(index, scratch)
+            fragments.add(index, scratch, damaged[noted:])
             index += 1
     return done

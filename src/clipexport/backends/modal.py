@@ -399,17 +399,21 @@ class _PartView:
                 if phase == "encode":
                     end["bytes"] = p.get("bytes")
                     end["key"] = snap.get("key")
+                    if p.get("damaged"):  # output frames of the clip that repeat an undecodable one
+                        end["damaged"] = p["damaged"]
                 out.append(end)
                 self.ended.add(phase)
         return out
 
 
 def _finished_snapshot(task: SegmentTask, attempt: int, *, size: int | None, elapsed: float | None,
-                       skipped: bool) -> dict[str, Any]:
+                       skipped: bool, damaged: Any = None) -> dict[str, Any]:
     """A snapshot of a stored segment, for when the channel did not say it."""
     total = task.segment.count
     phases = {p: {"done": total, "total": total, "ended": True, "elapsed": elapsed} for p in PHASES}
     phases["encode"]["bytes"] = size
+    if isinstance(damaged, list) and damaged:
+        phases["encode"]["damaged"] = damaged
     return {"part": task.segment.name, "attempt": attempt, "state": "stored", "skipped": skipped,
             "key": task.key, "phases": phases}
 
@@ -885,7 +889,8 @@ class _Run:
             if seg is not None and not self.views[name].finished:
                 attempt = max(int(seg.get("attempt") or call.attempt), self.views[name].attempt)
                 self._show(name, _finished_snapshot(task, attempt, size=seg.get("bytes"),
-                                                     elapsed=seg.get("elapsed"), skipped=bool(seg.get("skipped"))),
+                                                     elapsed=seg.get("elapsed"), skipped=bool(seg.get("skipped")),
+                                                     damaged=seg.get("damaged")),
                            call.lane.name)
         if result.get("error") and not result.get("resumable", True):
             self._fail(BackendError(str(result["error"]), resumable=False))

@@ -21,8 +21,17 @@ always constant frame rate at the first clip's average rate: output frame
 ``T0 + k / fps_target`` (the last frame whose pts is at or before that time,
 with a tolerance of min(1/4 source frame, one time-base tick) for pts
 rounding in containers such as Matroska). Frames are chosen by their pts,
-never by counting, so variable-frame-rate input becomes CFR by duplicating or
-dropping frames, and a clip at another rate is resampled the same way.
+never by counting, so variable-frame-rate input becomes CFR by duplicating
+frames, and a clip at a higher rate is resampled (dropping frames) the same
+way. A *crowded* clip (``ClipInfo.crowded``: some frames closer together than
+one frame at its average rate) rendered at or above its own rate loses no
+frame: :func:`~clipexport.media.plan.pushed_slots` moves a frame whose slot
+is taken to the next free one, and the plan counts the slots that needs.
+
+*Timestamps.* Leading frames without a pts come one frame apart before the
+first that has one (:func:`~clipexport.media.probe.video_origin`); a stream
+with none at all (raw H.264) runs at the rate its codec headers give, 25 fps
+if none, frames in decode order, and is never sought into.
 
 *Rotation.* ``ClipInfo.rotation`` is the clockwise rotation (0/90/180/270)
 needed to display the frame upright, read from the display matrix (what the

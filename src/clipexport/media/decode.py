@@ -17,8 +17,8 @@ import numpy as np
 
 from ..errors import ClipexportError, InputError
 from ._util import _AV_ERRORS, _reason
-from .plan import ClipPlan, display_size
-from .probe import _open_input, _video_stream
+from .plan import ClipPlan, display_size, pushed_slots, pushes
+from .probe import _open_input, _video_stream, frame_times, video_origin
 
 
 # --------------------------------------------------------------------------- decoding
@@ -118,8 +118,14 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
     path = plan.info.path
     convert = _Converter(plan)
     t0 = plan.start_time
-    fps_t = plan.fps
+    fps_t, fps_s = plan.fps, plan.info.fps
+    origin_s = video_origin(path, fps_s)  # None: no timestamps at all (a raw stream)
+    slots = None
+    if pushes(plan.info, fps_t):  # placed so that no frame is lost: needs the times of those before
+        slots = pushed_slots(frame_times(path, fps_s, until=t0 + (start + count) / fps_t), t0, fps_t, fps_s)
     first_target = t0 + Fraction(start) / fps_t
+    if slots is not None:  # the time of the frame that shows in slot `start`
+        first_target = max((s for s, slot in slots.items() if slot <= start), default=Fraction(0))
 
     for attempt in (0, 1):
         with _open_input(path) as container:
@@ -128,44 +134,54 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
                 raise InputError(f"{path}: no video stream")
             v.codec_context.thread_type = "AUTO"
             tb = Fraction(v.time_base)
-            tol = min(Fraction(1, 4) / plan.info.fps, tb)
-            origin = v.start_time
-            if origin is None:
-                origin = _first_pts(container, v)
-                container.seek(0, backward=True)
-                v.codec_context.flush_buffers()
-            seek_pts = origin + math.floor(first_target / tb)
-            sought = attempt == 0 and first_target > 0 and seek_pts > origin
-            if sought:
+            tol = min(Fraction(1, 4) / fps_s, tb)
+
+            def slot_of(s: Fraction) -> int:
+                """The first output slot the frame at source time `s` shows in."""
+                if slots is not None and s in slots:
+                    return slots[s]
+                return math.ceil((s - t0 - tol) * fps_t)
+
+            origin = Fraction(0) if origin_s is None else origin_s / tb
+            seek_pts = math.floor(origin + first_target / tb)
+            sought = attempt == 0 and first_target > 0 and seek_pts > origin and origin_s is not None
+            if sought:  # else decode from the file's start, where a fresh container is
                 container.seek(seek_pts, stream=v, backward=True)
-            elif attempt == 1 and origin != 0:
-                container.seek(origin, stream=v, backward=True)
 
             k = start
             end = start + count
             cand = None  # the latest frame at or before the current target
             cand_s: Fraction | None = None
+            shown = Fraction(0)  # when cand is shown from: its time, or its slot's when a burst pushed it later
             cand_arr: np.ndarray | None = None
             cand_used = False
             restart = False
             errors = [0]  # packets the decoder rejected so far
             hold = _last_slot(plan) if end == plan.frames else None  # filled by the clip's very last frame
-            stale = Fraction(1) / plan.info.fps + tol  # a slot shown this late lost its own frame
+            stale = Fraction(1) / fps_s + tol  # a slot shown this late lost its own frame
+            keyed = not sought  # after a seek, frames before the first keyframe are broken (MPEG-TS seeks anywhere)
             for frame in _decode(container, v, errors):
-                s = (Fraction(frame.pts) - origin) * tb if frame.pts is not None else (
-                    cand_s + 1 / plan.info.fps if cand_s is not None else Fraction(0)
+                keyed = keyed or frame.key_frame
+                if not keyed:
+                    continue
+                if frame.pts is None and cand_s is None and sought:
+                    restart = True  # the seek landed on frames without timestamps: where are we?
+                    break
+                s = (frame.pts - origin) * tb if frame.pts is not None else (
+                    cand_s + 1 / fps_s if cand_s is not None else Fraction(0)
                 )
                 if cand_s is not None and s <= cand_s:
                     continue  # non-increasing pts: a damaged or duplicate frame
-                if cand is None and s > first_target + tol:
+                slot = slot_of(s)
+                if cand is None and slot > start:
                     if sought:
                         restart = True  # the seek landed after the target: decode from the start
                         break
                     # Decoding from the start and the first decodable frame comes late
                     # (leading frames lost): it stands in for the times before it.
-                    cand, cand_s = frame, s
-                while k < end and k != hold and s > t0 + Fraction(k) / fps_t + tol:
-                    if errors[0] and t0 + Fraction(k) / fps_t - cand_s > stale:
+                    cand, cand_s, shown = frame, s, s
+                while k < end and k != hold and slot > k:
+                    if errors[0] and t0 + Fraction(k) / fps_t - shown > stale:
                         damaged.append(k)
                     if cand_arr is None:
                         cand_arr = convert(cand)
@@ -176,13 +192,14 @@ def _read_frames(plan: ClipPlan, start: int, count: int, damaged: list[int]) -> 
                     break
                 if cand is not frame:
                     cand, cand_s, cand_arr, cand_used = frame, s, None, False
+                    shown = s if slots is None else max(s, t0 + Fraction(slot) / fps_t)
             if restart or (cand is None and sought):  # nothing decoded after the seek: from the start
                 continue
             if cand is None:
                 raise InputError(f"{path}: no decodable video frames where frame {start} was expected")
             # End of stream: the remaining targets show the last frame (see docstring).
             while k < end:
-                if t0 + Fraction(k) / fps_t - cand_s > stale:
+                if t0 + Fraction(k) / fps_t - shown > stale:
                     damaged.append(k)
                 if cand_arr is None:
                     cand_arr = convert(cand)
@@ -201,17 +218,10 @@ def _last_slot(plan: ClipPlan) -> int | None:
     another rate.
     """
     fps_s = plan.info.fps
-    if plan.fps != fps_s:  # resampled to another rate: dropping frames by time is the point
+    if plan.fps != fps_s and not pushes(plan.info, plan.fps):  # resampled: dropping frames by time is the point
         return None
     end_s = plan.start_time + plan.duration
     return plan.frames - 1 if end_s >= Fraction(plan.info.frames) / fps_s - Fraction(1, 2) / fps_s else None
-
-
-def _first_pts(container: Any, v: Any) -> int:
-    for frame in container.decode(v):
-        if frame.pts is not None:
-            return int(frame.pts)
-    return 0
 
 
 def _decode(container: Any, v: Any, errors: list[int]) -> Iterator[Any]:

@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import ClipexportError, InputError, OutputError
 from ._util import _AV_ERRORS, _reason
 from .plan import ClipPlan
-from .probe import _open_input, _video_stream
+from .probe import _open_input, video_origin
 
 # Container names accepted for the output, from a suffix or a hint.
 _OUTPUT_FORMATS = {
@@ -204,11 +204,9 @@ def _copied_video(segments: list[Path], out_c: Any, fps: Fraction, counter: list
     return _video_packets(segments, vout, fps, expect, counter)
 
 
-def _origin(container: Any, v: Any | None) -> Fraction:
-    """Container time (s) of the first video frame: the clip's time 0."""
-    if v is not None and v.start_time is not None and v.time_base:
-        return Fraction(v.start_time) * Fraction(v.time_base)
-    return Fraction(0)
+def _origin(plan: ClipPlan) -> Fraction:
+    """Container time (s) of the clip's first video frame: the clip's time 0."""
+    return video_origin(plan.info.path, plan.info.fps) or Fraction(0)
 
 
 def _parse_clock(text: str | None) -> Fraction | None:
@@ -244,7 +242,7 @@ def _copy_audio_ok(plan: ClipPlan, fmt: str, track: int) -> bool:
         span = _audio_span(a)
         if span is None:
             return False
-        origin = _origin(container, _video_stream(container))
+        origin = _origin(plan)
     frame = 1 / plan.fps
     return span[0] - origin <= frame and span[1] - origin >= plan.duration - frame
 
@@ -253,7 +251,7 @@ def _copied_audio(container: Any, aout: Any, plan: ClipPlan, track: int) -> Iter
     """The clip's audio packets of one track unchanged, re-timed to the video's origin, cut at the video's end."""
     a = container.streams.audio[track]
     tb = Fraction(a.time_base)
-    shift = round(_origin(container, _video_stream(container)) / tb)
+    shift = round(_origin(plan) / tb)
     end = plan.duration
     try:
         for packet in container.demux(a):
@@ -312,7 +310,7 @@ def _clip_pcm(plan: ClipPlan, rate: int, layout: str, nsamples: int, track: int 
     path = plan.info.path
     with _open_input(path) as container:
         a = container.streams.audio[track]
-        start = _origin(container, _video_stream(container)) + plan.start_time
+        start = _origin(plan) + plan.start_time
         try:
             if start > 1:
                 try:  # by the default (video) stream's index; audio follows

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ._util import _seconds
-from .probe import ClipInfo
+from .probe import ClipInfo, frame_times
 
 
 # --------------------------------------------------------------------------- parsing
@@ -231,11 +231,59 @@ def plan_clips(
         frames = math.ceil((end - t0) * fps_t - _EPS)
         if frames <= 0:
             raise UsageError(f"{info.path}: trim selects no frames")
+        if pushes(info, fps_t):
+            frames = _pushed_frames(info, t0, end, fps_t, frames, to_end=end >= clip_end)
         used = None if trim is None else (float(t0), float(t0 + Fraction(frames) / fps_t))
         plans.append(
             ClipPlan(info=info, start_frame=start_frame, frames=frames, crop=crop, size=size, fps=fps_t, trim=used)
         )
     return plans
+
+
+def pushes(info: ClipInfo, fps: Fraction) -> bool:
+    """Whether the clip's frames are placed by :func:`pushed_slots` at output rate `fps`, not by time alone.
+
+    Only for a crowded clip at or above its own average rate: below it,
+    dropping frames is what resampling to a lower rate means.
+    """
+    return info.crowded and fps >= info.fps
+
+
+def pushed_slots(times: list[Fraction], t0: Fraction, fps: Fraction, fps_source: Fraction) -> dict[Fraction, int]:
+    """The output slot where each frame (by its time, `times` sorted) first shows.
+
+    A frame's own slot is the first whose time is at or after its own (less
+    a quarter of a source frame for rounding), counted from `t0`; when the
+    previous frame already took that slot (a burst: frames closer together
+    than one output frame), it goes in the next free one. So no frame is
+    lost: a burst is shown a little late, and the delay is taken back at the
+    next hold, where the slots it crossed would only have repeated a frame.
+    Frames at or before `t0` share slot 0 (the last of them shows).
+    """
+    tol = Fraction(1, 4) / fps_source
+    slots: dict[Fraction, int] = {}
+    last = 0
+    for s in times:
+        own = math.ceil((s - t0 - tol) * fps)
+        last = slots[s] = 0 if own <= 0 else max(own, last + 1)
+    return slots
+
+
+def _pushed_frames(info: ClipInfo, t0: Fraction, end: Fraction, fps: Fraction, frames: int, *, to_end: bool) -> int:
+    """Output frames of a crowded clip: enough slots for every frame before `end` (see :func:`pushed_slots`).
+
+    Run to its end, the clip's last frame shows in the last slot (the reader
+    holds that slot for it): it needs a slot of its own only past the
+    frames pushed before it.
+    """
+    times = [s for s in frame_times(info.path, info.fps, until=end) if s < end]
+    slots = pushed_slots(times, t0, fps, info.fps)
+    if not times:
+        return frames
+    needed = [slots[s] + 1 for s in (times[:-1] if to_end else times)]
+    if to_end and len(times) > 1:
+        needed.append(slots[times[-2]] + 2)
+    return max([frames, *needed])
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ package docstring, :mod:`clipexport.media`.
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ClipInfo:
     codec: str
     sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio on the display axes; 2 = pixels twice as wide
     audio_tracks: int = 0  # audio streams the file holds (has_audio and audio_codec describe the first)
+    crowded: bool = False  # some frames come closer together than one frame at `fps` (bursts): see plan.pushed_slots
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (fps as "num/den")."""
@@ -60,6 +61,7 @@ class ClipInfo:
             "codec": self.codec,
             "sar": f"{self.sar.numerator}/{self.sar.denominator}",
             "audio_tracks": self.audio_tracks,
+            "crowded": self.crowded,
         }
 
     @classmethod
@@ -78,6 +80,7 @@ class ClipInfo:
             codec=str(data["codec"]),
             sar=Fraction(data.get("sar", "1")),
             audio_tracks=int(data.get("audio_tracks", 1 if data["has_audio"] else 0)),
+            crowded=bool(data.get("crowded", False)),
         )
 
 
@@ -113,16 +116,25 @@ def _index_past_eof(container: Any, size: int) -> bool:
     return False
 
 
-def _count_by_demux(path: Path, container: Any, vindex: int) -> tuple[int, Fraction | None, Fraction | None]:
-    """Demux every packet (no decoding): video frame count, video span, end of all streams.
+@dataclass
+class _Demuxed:
+    """What demuxing every packet (no decoding) tells about a clip."""
 
-    Returns (frames, video_duration_seconds, last_end_seconds_relative_to_container_start).
+    frames: int = 0  # video packets
+    lead: int = 0  # video packets before the first with a timestamp
+    pts: list[int] = field(default_factory=list)  # the video packets' pts, in file order
+    span: Fraction | None = None  # seconds from the first video packet with a timestamp to the end of the last
+    all_end: Fraction | None = None  # end of all streams, seconds from the container's start
+
+
+def _count_by_demux(path: Path, container: Any, vindex: int) -> _Demuxed:
+    """Demux every packet (no decoding): count the video frames, collect their timestamps.
+
     Raises InputError when demuxing fails part way (truncated or corrupt file).
     """
-    frames = 0
+    found = _Demuxed()
     vfirst: Fraction | None = None
     vend: Fraction | None = None
-    all_end: Fraction | None = None
     try:
         for packet in container.demux():
             if packet.size == 0:
@@ -132,22 +144,80 @@ def _count_by_demux(path: Path, container: Any, vindex: int) -> tuple[int, Fract
             if ts is not None and tb is not None:
                 start = ts * tb
                 end = (ts + max(packet.duration or 0, 0)) * tb
-                all_end = end if all_end is None else max(all_end, end)
+                found.all_end = end if found.all_end is None else max(found.all_end, end)
             else:
                 start = end = None
             if packet.stream_index == vindex and not packet.is_discard:
-                frames += 1
+                found.frames += 1
+                if packet.pts is not None:
+                    found.pts.append(int(packet.pts))
                 if start is not None:
                     vfirst = start if vfirst is None else min(vfirst, start)
                     vend = end if vend is None else max(vend, end)
+                elif vfirst is None:
+                    found.lead += 1
     except _AV_ERRORS as exc:
         raise InputError(
-            f"{path}: corrupt or truncated video, reading failed after {frames} frames ({_reason(exc)})"
+            f"{path}: corrupt or truncated video, reading failed after {found.frames} frames ({_reason(exc)})"
         ) from exc
-    vdur = (vend - vfirst) if (vfirst is not None and vend is not None) else None
-    if all_end is not None and container.start_time is not None:
-        all_end -= Fraction(container.start_time, av.time_base)
-    return frames, vdur, all_end
+    found.span = (vend - vfirst) if (vfirst is not None and vend is not None) else None
+    if found.all_end is not None and container.start_time is not None:
+        found.all_end -= Fraction(container.start_time, av.time_base)
+    return found
+
+
+def _crowded(pts: list[int], tb: Fraction, fps: Fraction) -> bool:
+    """Whether two frames come closer together than one frame at `fps` (allowing a tick of rounding).
+
+    Sampled by time at `fps`, such frames would share an output slot and one
+    of them would be lost: the plan pushes them apart instead.
+    """
+    ticks = sorted(set(pts))
+    least = 1 / fps - 2 * tb
+    return any((b - a) * tb < least for a, b in zip(ticks, ticks[1:]))
+
+
+def _index_regular(stream: Any) -> bool:
+    """Whether the sample index's timestamps (decode times) are evenly spaced, to a tick: constant frame rate."""
+    ticks = [entry.timestamp for entry in stream.index_entries]
+    steps = {b - a for a, b in zip(ticks, ticks[1:])}
+    return not steps or max(steps) - min(steps) <= 1
+
+
+def _ends_late(path: Path, stream_dur: Fraction) -> bool:
+    """Whether a frame near the end is shown after the duration the header gives (by more than a frame).
+
+    Evenly spaced decode times can still carry presentation times that jump
+    (an encoder's reordering delay on variable-rate input): the last frames
+    then lie past the header's duration, which would cut the clip short.
+    Only the packets from the last keyframe on are read.
+    """
+    with _open_input(path) as container:
+        v = _video_stream(container)
+        tb = Fraction(v.time_base)
+        keys = [e.timestamp for e in v.index_entries if e.is_keyframe]
+        if keys:
+            container.seek(keys[-1], stream=v, backward=True, any_frame=False)
+        origin = v.start_time or 0
+        frame = stream_dur / max(1, v.frames)
+        for packet in container.demux(v):
+            if packet.pts is not None and (packet.pts - origin) * tb > stream_dur + frame:
+                return True
+    return False
+
+
+def _codec_rate(stream: Any) -> Fraction:
+    """The rate a stream without timestamps (raw H.264/HEVC) declares in its own headers, else 25.
+
+    A raw stream's demuxer reports its own default (25) as the average;
+    the codec's timing information (the SPS's, when the encoder wrote it) is
+    the stream's real rate.
+    """
+    ctx = stream.codec_context
+    for rate in ((ctx.framerate if ctx is not None else None), stream.guessed_rate):
+        if rate is not None and 0 < rate <= 1000:
+            return Fraction(rate)
+    return Fraction(25)
 
 
 def probe(path: Path) -> ClipInfo:
@@ -156,8 +226,11 @@ def probe(path: Path) -> ClipInfo:
     Frame count: ``nb_frames`` from the header is trusted only when it agrees
     (within one frame) with stream duration x average rate *and* the container
     has a complete per-sample index (MP4/MOV, AVI) that was checked against the
-    file size. Otherwise packets are counted by demuxing the whole file (no
-    decoding; Matroska, MPEG-TS, ...).
+    file size, evenly spaced (constant frame rate), with no frame shown past
+    the header's duration. Otherwise packets are counted by demuxing the whole
+    file (no decoding; Matroska, MPEG-TS, variable-rate MP4, ...), which also
+    tells whether the clip is *crowded* and, for a raw stream without
+    timestamps, gives its rate from the codec.
 
     Truncation/corruption rule, documented here because it is a judgement call:
 
@@ -256,13 +329,23 @@ def _probe(path: Path, size: int) -> ClipInfo:
         index_complete = len(v.index_entries) >= nb > 0
         frames: int
         duration: Fraction | None
-        if nb > 0 and stream_dur is not None and index_complete and abs(nb - stream_dur * fps) <= 1:
+        crowded = False
+        if (nb > 0 and stream_dur is not None and index_complete and abs(nb - stream_dur * fps) <= 1
+                and _index_regular(v) and not _ends_late(path, stream_dur)):
             frames, duration = nb, stream_dur
         else:
-            frames, vdur, all_end = _count_by_demux(path, container, vindex)
+            demuxed = _count_by_demux(path, container, vindex)
+            frames, all_end = demuxed.frames, demuxed.all_end
+            if not demuxed.pts:  # no timestamps at all (a raw stream): frames follow each other at its rate
+                fps = _codec_rate(v)
+                stream_dur = None
+            vdur = demuxed.span
+            if vdur is not None and demuxed.lead:  # leading frames without timestamps, one frame apart
+                vdur, stream_dur = vdur + demuxed.lead / fps, None
             duration = stream_dur or vdur
             if vdur and frames > 1 and abs(frames - vdur * fps) > 1:  # a variable rate the header misstates
                 fps, duration = (Fraction(frames) / vdur).limit_denominator(1_000_000), vdur
+            crowded = bool(demuxed.pts) and _crowded(demuxed.pts, Fraction(tb), fps)
             header = container.duration
             fmt = container.format.name if container.format else ""
             if (
@@ -323,4 +406,68 @@ def _probe(path: Path, size: int) -> ClipInfo:
         codec=codec,
         sar=sar,
         audio_tracks=audio_tracks,
+        crowded=crowded,
     )
+
+
+# --------------------------------------------------------------------------- frame times
+
+
+def video_origin(path: Path, fps: Fraction) -> Fraction | None:
+    """Container time (s) of the clip's first frame: its time 0. None when no frame has a timestamp.
+
+    Leading packets without a timestamp (a stream cut mid-way, a broken
+    muxer) come one frame (at `fps`) apart before the first that has one,
+    so they keep their place instead of all landing on time 0.
+    """
+    try:
+        with _open_input(path) as container:
+            v = _video_stream(container)
+            lead, first = 0, None
+            for packet in container.demux(v):
+                if packet.size == 0:
+                    continue
+                if packet.pts is not None:
+                    first = int(packet.pts)
+                    break
+                lead += 1
+            if first is None:
+                return None
+            start = v.start_time if v.start_time is not None else first
+            return Fraction(start) * Fraction(v.time_base) - lead / fps
+    except ClipexportError:
+        raise
+    except _AV_ERRORS as exc:
+        raise InputError(f"{path}: cannot read the video's timestamps ({_reason(exc)})") from exc
+
+
+_REORDER_S = 2  # packets come in decode order: a frame shown before `until` is read this far past it at most
+
+
+def frame_times(path: Path, fps: Fraction, until: Fraction | None = None) -> list[Fraction]:
+    """Every frame's time (s from :func:`video_origin`), in order: what a crowded clip's plan needs.
+
+    Leading frames without a timestamp come one frame apart (as in
+    :func:`video_origin`); any others without one are left out. With
+    `until`, reading stops a little past that time: the frames shown before
+    it are all there (and perhaps a few after).
+    """
+    origin = video_origin(path, fps) or Fraction(0)
+    times: list[Fraction] = []
+    try:
+        with _open_input(path) as container:
+            v = _video_stream(container)
+            tb, timed = Fraction(v.time_base), False
+            for packet in container.demux(v):
+                if packet.size == 0 or packet.is_discard:
+                    continue
+                if packet.pts is not None:
+                    times.append(packet.pts * tb - origin)
+                    timed = True
+                    if until is not None and times[-1] > until + _REORDER_S:
+                        break
+                elif not timed:  # one of the leading frames
+                    times.append(len(times) / fps)
+    except _AV_ERRORS as exc:
+        raise InputError(f"{path}: cannot read the video's timestamps ({_reason(exc)})") from exc
+    return sorted(times)
