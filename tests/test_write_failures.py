@@ -53,10 +53,11 @@ def small_disk(tmp_path: Path):
 
 
 def test_disk_full_exits_75_naming_the_output_then_resume_finishes(tmp_path, small_disk, capsys):
-    clip = make_clip(tmp_path / "in.mp4", frames=24, width=64, height=36, index_blocks=False)
+    clip = make_clip(tmp_path / "in.mp4", frames=6, width=64, height=36, index_blocks=False)
     out = small_disk / "out.mp4"
 
-    code, stdout, stderr = run_main(["render", str(clip), "-o", str(out), "--progress", "plain"], capsys)
+    code, stdout, stderr = run_main(["render", str(clip), "-o", str(out), "--scale", "2", "--progress", "plain"],
+                                    capsys)
 
     assert code == EXIT_RESUMABLE, stderr
     errors = [line for line in stderr.splitlines() if "No space left on device" in line]
@@ -71,7 +72,7 @@ def test_disk_full_exits_75_naming_the_output_then_resume_finishes(tmp_path, sma
     (small_disk / "filler").unlink()
     code, stdout, stderr = run_main(["resume", record.id, "--progress", "none"], capsys)
     assert code == 0, stderr
-    assert stdout.strip() == str(out) and frame_count(out) == 24
+    assert stdout.strip() == str(out) and frame_count(out) == 6
     assert store.get(record.id).state == JobState.DONE
 
 
