@@ -34,6 +34,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/transfer.py
 	$(PY) bench/fragments.py
 	$(PY) bench/overlay_cost.py
+	$(PY) bench/range_reads.py
 
 clean:
 	rm -rf $(VENV) examples/sample-x2.mp4

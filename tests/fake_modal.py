@@ -16,8 +16,10 @@ tests. What is faked, and how it keeps Modal 1.6.4's semantics (docs/modal.md):
   TERMINATED result for a cancelled call, a TIMEOUT result past the call's
   time limit, no output while running, no output and no unfinished input once
   expired. `transport` holds modal exceptions the stub raises next (what
-  modal's gRPC layer raises after its own retries); `get_gate` holds every
-  `get` until set;
+  modal's gRPC layer raises after its own retries); `spawn_transport` holds
+  (exception, started) for the next spawns: the spawn raises it, after
+  starting the call when `started` (its answer was lost on the way back);
+  `get_gate` holds every `get` until set;
 - a call runs in a thread (a "container") whatever becomes of the client
   that spawned it; a preempted input is restarted on a fresh container, with
   the same arguments and the same call id, as Modal does; `retries` re-runs a
@@ -187,6 +189,7 @@ class FakeModal:
         self.events: list[str] = []  # "preempted seg-0002", "crashed ...", "cancelled fc-..."
         self.containers: list[FakeContainer] = []
         self.transport: deque[BaseException] = deque()  # raised by the next `get`s, one each
+        self.spawn_transport: deque[tuple[BaseException, bool]] = deque()  # raised by the next spawns
         self.get_gate: threading.Event | None = None  # while set to an unset event, `get` waits
         self.gets = 0  # how many `get`s reached the server
         self.upscaled: Counter = Counter()  # frames upscaled per part, over all runs
@@ -225,12 +228,20 @@ class FakeModal:
     def spawn(self, task_dicts, storage_url, endpoint_url, *, variant, warm_up=False) -> str:  # noqa: ANN001
         if not self.deployed:
             raise mx.NotFoundError("Lookup failed for Cls 'Upscaler' from the 'clipexport' app")
+        failure, started = None, False
+        if not warm_up:
+            with self._lock:
+                failure, started = self.spawn_transport.popleft() if self.spawn_transport else (None, False)
+        if failure is not None and not started:
+            raise failure
         call = FakeCall(f"fc-{next(self._ids):04d}", list(task_dicts), storage_url, endpoint_url, variant,
                         warm_up=warm_up)
         call.thread = threading.Thread(target=self._serve, args=(call,), name=call.id, daemon=True)
         with self._lock:
             self.calls[call.id] = call
         call.thread.start()
+        if failure is not None:
+            raise failure
         return call.id
 
     def outputs(self, call_id: str) -> api_pb2.FunctionGetOutputsResponse:

@@ -14,6 +14,9 @@ parallel sessions do not collide.
     with SeaweedServer(tmp_path, tls=True) as server:    # HTTPS, self-signed
         server.ca_file                                   # trust this
 
+`CountingProxy(server.s3_port)` counts the bytes the server sends back;
+`server.storage(proxy=proxy)` talks to the server through it.
+
 Pytest fixtures (import them into a test module to use them):
 `seaweed` and `seaweed_tls` (one server per session), `s3_store` (a fresh
 prefix on `seaweed` per test).
@@ -31,6 +34,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -357,8 +361,8 @@ class SeaweedServer:
             aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key, region_name="us-east-1"
         )
 
-    def storage(self, prefix: str | None = None, **options: Any) -> Any:
-        """An S3Storage on this server's bucket under `prefix` (fresh if None).
+    def storage(self, prefix: str | None = None, *, proxy: CountingProxy | None = None, **options: Any) -> Any:
+        """An S3Storage on this server's bucket under `prefix` (fresh if None), through `proxy` if given.
 
         Options named like S3Settings fields (connect_timeout, max_attempts,
         ...) go to the settings; the rest (part_size, ...) to S3Storage.
@@ -367,14 +371,62 @@ class SeaweedServer:
         from clipexport.storage.s3 import S3Storage
 
         fields = set(S3Settings.__dataclass_fields__)
+        endpoint = self.endpoint_url if proxy is None else f"{'https' if self.tls else 'http'}://{HOST}:{proxy.port}"
         settings = S3Settings(
-            endpoint_url=self.endpoint_url,
+            endpoint_url=endpoint,
             region="us-east-1",
             verify=self.verify,
             **{k: options.pop(k) for k in list(options) if k in fields},
         )
         prefix = f"t-{uuid.uuid4().hex[:10]}" if prefix is None else prefix
         return S3Storage(self.bucket, prefix, settings=settings, session=self.session(), **options)
+
+
+class CountingProxy:
+    """A TCP proxy to a local port that counts the bytes sent back to the client (what a server serves)."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = (HOST, port)
+        self.served = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server((HOST, 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="counting-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, dest: socket.socket, counted: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if counted:
+                    with self._lock:
+                        self.served += len(data)
+                dest.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, dest):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def take(self) -> int:
+        """The bytes served since the last take."""
+        with self._lock:
+            served, self.served = self.served, 0
+            return served
+
+    def close(self) -> None:
+        self._listener.close()
 
 
 # -- pytest fixtures -----------------------------------------------------------

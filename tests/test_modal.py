@@ -621,6 +621,23 @@ def test_transport_errors_are_asked_again_never_respawned(tmp_path):
     check_outputs(job, tmp_path)
 
 
+def test_a_spawn_that_fails_in_transport_is_asked_again(tmp_path):
+    """A spawn's transport error backs off and spawns again, like `get`'s; a call it started anyway is no call of ours."""
+    from modal import exception as mx
+
+    job = make_job(tmp_path, frames=20, segment_frames=10)
+    svc = FakeModal(tmp_path / "fake")
+    svc.spawn_transport.extend([(mx.ServiceError("UNAVAILABLE"), False), (mx.InternalError("INTERNAL"), True)])
+    client = svc.client()
+    backend(job, client).run(job.tasks, Recorder(job.id), threading.Event())
+    assert not svc.spawn_transport  # both spawns failed, and the run went on
+    assert len(client.spawned) == 2
+    lost = set(svc.calls) - set(client.spawned) - {c for c in svc.calls if svc.calls[c].warm_up}
+    assert len(lost) == 1  # the call whose answer was lost exists, and the job never recorded it
+    assert not lost & {v["id"] for v in job.store.facts(job.id, "call:").values()}
+    check_outputs(job, tmp_path)
+
+
 def test_transport_errors_past_the_cap_stop_resumably_and_the_calls_go_on(tmp_path):
     from modal import exception as mx
 

@@ -513,7 +513,7 @@ def test_uneven_parts_are_refused_before_complete(moto_store, tmp_path, monkeypa
 
     def one_part_off(self, upload_id):
         listed = real(self, upload_id)
-        if listed and self.cancel.is_set():  # after the sends: the check before complete
+        if listed and self.workers.cancel.is_set():  # after the sends: the check before complete
             etag, size = listed[1][0]
             listed[1] = [(etag, size - 1)]
         return listed

@@ -5,8 +5,9 @@ For each task it:
 
 1. skips it when the segment is already stored under `task.key` (a finished
    segment is never redone, whoever finished it);
-2. fetches the input clip from the store into a local cache, once per
-   container per key (keys are content-addressed, so a cached file is right);
+2. opens the input clip in the store for reading in byte ranges
+   (`storage.reader`): the decoder fetches the clip's index and its
+   segment's packets, not the whole clip;
 3. runs `worker.run_segment`, the very generator the local backend runs,
    with each whole fragment of the segment put in the store as it ends
    (`StoredFragments`), so that a restarted input continues after the last;
@@ -53,9 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipexport.errors import BackendError, ClipexportError, RemoteFailure
+from clipexport.errors import BackendError, ClipexportError, RemoteFailure, StorageError, StorageNotFoundError
 from clipexport.media import ClipPlan, Segment
 from clipexport.storage import ProgressChannel, Storage, open_storage
+from clipexport.storage.reader import StoredClip
 from clipexport.worker import FragmentDir, FrameUpscaler, SegmentTask, fragment_prefix, run_segment
 
 logger = logging.getLogger("clipexport.remote")
@@ -143,7 +145,7 @@ def container_id() -> str:
 
 
 def work_dir() -> Path:
-    """Scratch space for cached inputs and segments being written."""
+    """Scratch space for segments being written and their fragments."""
     root = os.environ.get(ENV_WORK_DIR) or os.path.join(tempfile.gettempdir(), "clipexport-remote")
     return Path(root)
 
@@ -161,20 +163,18 @@ def storage_for(url: str, endpoint_url: str | None) -> Storage:
         return store
 
 
-_fetch_locks: dict[str, threading.Lock] = {}
-_fetch_guard = threading.Lock()
+def stored_input(storage: Storage, key: str) -> StoredClip:
+    """The input object `key`, for the decoder to read in byte ranges: only its segment's, not the whole clip.
 
-
-def fetch_input(storage: Storage, key: str, cache: Path) -> Path:
-    """The input object `key`, downloaded into `cache` once (sha256-checked)."""
-    path = cache / "inputs" / key.replace("/", "_")
-    with _fetch_guard:
-        lock = _fetch_locks.setdefault(str(path), threading.Lock())
-    with lock:
-        if not path.is_file():
-            match = _SHA_IN_KEY.search(key)
-            storage.get_file(key, path, sha256=match.group(1) if match else None)
-    return path
+    Its key names its sha256 (content-addressed): the stored object must say the same.
+    """
+    info = storage.stat(key)
+    if info is None:
+        raise StorageNotFoundError(f"{storage.url}/{key}: the input is not in the store; run `resume` to upload it")
+    match = _SHA_IN_KEY.search(key)
+    if match and info.sha256 and info.sha256 != match.group(1):
+        raise StorageError(f"{storage.url}/{key}: stored sha256 {info.sha256} is not the one its key names")
+    return StoredClip(storage, key, info.size)
 
 
 class StoredFragments(FragmentDir):
@@ -362,8 +362,8 @@ class _SegmentRun:
             raise BackendError(f"task for {self.part} has no input_key: the client did not upload its input",
                                resumable=False)
         self._publish(force=True)  # the call has started: the client's wait is over
-        local = fetch_input(self.storage, task.input_key, cache)
-        plan = dataclasses.replace(task.clip, info=dataclasses.replace(task.clip.info, path=local))
+        source = stored_input(self.storage, task.input_key)
+        plan = dataclasses.replace(task.clip, info=dataclasses.replace(task.clip.info, path=source))
         runnable = dataclasses.replace(task, clip=plan, attempt=self.attempt)
         out = cache / "segments" / f"{task.job}-{self.part}-{self.attempt}{Path(task.key).suffix}"
         fragments = StoredFragments(self.storage, task.key, task.job, cache)
@@ -371,6 +371,7 @@ class _SegmentRun:
         try:
             for event in run_segment(runnable, upscaler, out, fragments=fragments):
                 self._apply(event)
+            logger.info("%s: read %d of the input's %d bytes", self.part, source.fetched, source.size)
             size = out.stat().st_size
             self.storage.put_file(task.key, out)
         finally:

@@ -39,9 +39,11 @@ What `get` can say (docs/modal.md has the source lines):
 - `ModalUnreachable`: only modal's own `ConnectionError`; the run stops
   resumably at once.
 
-A failed spawn stops the run (resumably unless Modal refused it): the call
-may exist all the same, and is then a *stranger*: a snapshot naming a call
-this job never recorded is how the next run finds it, and cancels it.
+A spawn that fails on a transport error (`ModalBusy`) is asked again, with
+the same backoff and cap as `get`; any other failed spawn stops the run
+(resumably unless Modal refused it). Either way the call may exist all the
+same, and is then a *stranger*: a snapshot naming a call this job never
+recorded is how this run or the next finds it, and cancels it.
 
 There is one retry layer, this one: `modal_app.py` sets no `retries=`.
 """
@@ -637,6 +639,8 @@ class _Run:
     # -- spawning --------------------------------------------------------------
 
     def _fill_lanes(self) -> None:
+        if not self.backoff.may_ask(self.now):
+            return  # Modal's transport is failing: a spawn waits with the other questions
         while self.queued and len(self.calls) + len(self.spawning) < self.b.parallel:
             task, attempt = self.queued.popleft()
             held = {s.lane.name for s in self.spawning.values()}
@@ -661,6 +665,22 @@ class _Run:
         key = next(self._spawn_keys)
         self.spawning[key] = _Spawning(tasks, attempt, lane, self.now)
         self.asker.ask(("spawn", key), spawn_and_record)
+
+    def _spawn_answered(self, key: int, future: Future[str]) -> None:
+        """A spawn's answer: a call to follow; a transport error queues its tasks again; anything else stops the run.
+
+        A failed spawn may have started its call all the same: if it runs, its
+        snapshots name a call this job never recorded, which is then cancelled.
+        """
+        try:
+            call_id = future.result()
+        except ModalBusy as exc:
+            spawning = self.spawning.pop(key)
+            self.queued.extendleft((task, spawning.attempt) for task in reversed(spawning.tasks))
+            self._busy(exc)
+            return
+        self.backoff.succeeded()
+        self._spawned(key, call_id)
 
     def _spawned(self, key: int, call_id: str) -> None:
         spawning = self.spawning.pop(key)
@@ -709,7 +729,7 @@ class _Run:
         for key in list(self.spawning):
             future = self.asker.answered(("spawn", key))
             if future is not None:
-                self._spawned(key, future.result())  # a failed spawn stops the run (it may exist: resume finds it)
+                self._spawn_answered(key, future)
         for call in list(self.calls.values()):
             future = self.asker.answered(("get", call.id))
             if future is not None:

@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Protocol, runtime_checkable
 
 import av
 import av.error
@@ -26,11 +26,21 @@ _HEADER_DURATION_FORMATS = ("matroska", "webm", "mov", "mp4", "avi", "flv", "asf
 # --------------------------------------------------------------------------- probe
 
 
+@runtime_checkable
+class StreamSource(Protocol):
+    """A clip that is not a local file (one in an object store): read through the stream it opens.
+
+    `str()` of it names the clip in error messages.
+    """
+
+    def open_stream(self) -> IO[bytes]: ...
+
+
 @dataclass(frozen=True)
 class ClipInfo:
     """What :func:`probe` learned about one clip (see the module docstring for conventions)."""
 
-    path: Path
+    path: Path | StreamSource  # a StreamSource only where a worker decodes a stored clip in ranges
     width: int  # display size: rotation applied (90/270 swap)
     height: int
     fps: Fraction  # average frame rate
@@ -294,9 +304,10 @@ def _sample_aspect(stream: Any) -> Fraction:
     return Fraction(value)
 
 
-def _open_input(path: Path) -> Any:
+def _open_input(path: Path | StreamSource) -> Any:
     try:
-        return av.open(str(path), metadata_errors="replace")
+        source = path.open_stream() if isinstance(path, StreamSource) else str(path)
+        return av.open(source, metadata_errors="replace")
     except _AV_ERRORS as exc:
         raise InputError(f"{path}: not a readable video ({_reason(exc)})") from exc
 

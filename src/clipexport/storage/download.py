@@ -23,15 +23,13 @@ import json
 import logging
 import math
 import os
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from clipexport.errors import PreconditionFailedError, StorageError, StorageNotFoundError
 from clipexport.storage.base import HighWater, ObjectInfo, Progress, Reporter, Retry
+from clipexport.storage.transfer import Workers, retried
 
 logger = logging.getLogger("clipexport.storage")
 
@@ -67,10 +65,6 @@ def _sync_file_range() -> Callable[[int, int, int], None]:
 
 
 start_writeback = _sync_file_range()
-
-
-class _Cancelled(BaseException):
-    """Stops a chunk's stream at its next read (another chunk failed, or Ctrl-C)."""
 
 
 class _CorruptPartial(Exception):
@@ -157,7 +151,8 @@ class _Download:
         self.concurrency = max(1, concurrency)
         self.count = math.ceil(info.size / self.chunk)
         self.part, self.note = sidecar(path)
-        self.cancel = threading.Event()
+        # One stream at a time (a local store, or one chunk) runs on the caller's thread.
+        self.workers: Workers[int, None] = Workers(concurrency, name="s3get", poll_s=0.01, inline=True)
 
     def _span(self, index: int) -> tuple[int, int]:
         start = index * self.chunk
@@ -238,9 +233,8 @@ class _Download:
         still stream; at most `2 x workers` chunks past the one being hashed
         are started, so bytes waiting for their turn stay bounded.
         """
-        todo = deque(i for i in range(self.count) if i not in done)
-        workers = min(self.concurrency, len(todo))
-        window = 2 * max(workers, 1)
+        todo = [i for i in range(self.count) if i not in done]
+        window = 2 * min(self.concurrency, max(len(todo), 1))
         held: dict[int, list[bytes] | None] = {}  # blocks as they arrive (None: read back when done)
         where = [0, 0]  # the chunk being hashed, and how many of its blocks are
         noted_at = time.monotonic()
@@ -250,43 +244,26 @@ class _Download:
             held[index] = [] if fresh else None
             return held[index]
 
-        def finish(index: int) -> None:
+        def finish(index: int, _: None) -> None:
             nonlocal noted_at
             done.add(index)
             if time.monotonic() - noted_at >= NOTE_INTERVAL_S:
                 self._write_note(done, water)
                 noted_at = time.monotonic()
 
+        def tick() -> None:
+            self._hash_some(fd, done, held, where, digest)
+            self.report(water.total)
+
+        # Inline, the one stream reports as it goes: no tick comes until the chunk is whole.
+        inline = (lambda: self.report(water.total)) if self.workers.inline_for(len(todo)) else None
         self._hash_some(fd, done, held, where, digest)  # what a previous run left
         if not todo:
             return
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3get") if workers > 1 else None
-        pending: dict[Future, int] = {}
         try:
-            if pool is None:
-                while todo:
-                    index = todo.popleft()
-                    self._get_chunk(fd, index, water, start(index), report=lambda: self.report(water.total))
-                    finish(index)
-                    self._hash_some(fd, done, held, where, digest)
-                return
-            while todo or pending:
-                while todo and len(pending) < workers and todo[0] < where[0] + window:
-                    index = todo.popleft()
-                    pending[pool.submit(self._get_chunk, fd, index, water, start(index))] = index
-                finished, _ = wait(pending, timeout=0.01, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    index = pending.pop(future)
-                    future.result()
-                    finish(index)
-                self._hash_some(fd, done, held, where, digest)
-                self.report(water.total)
+            self.workers.run(todo, lambda index: self._get_chunk(fd, index, water, start(index), report=inline),
+                             finish, tick, ready=lambda index: index < where[0] + window)
         finally:
-            self.cancel.set()
-            for future in pending:
-                future.cancel()
-            if pool is not None:
-                pool.shutdown(wait=True)
             self._write_note(done, water)  # what a rerun may keep
 
     def _hash_some(
@@ -340,30 +317,28 @@ class _Download:
         start, end = self._span(index)
         on_position = water.slot(index)
         pos = start + water[index]
-        delays = self.retry.delays()
-        while pos < end:
+
+        def stream_rest() -> None:
+            nonlocal pos
+            if pos >= end:  # a stream that failed after its last byte: nothing is missing
+                return
             stream = self.open_range(pos, end, self.info.etag)
             try:
-                try:
-                    for data in stream:
-                        if self.cancel.is_set():
-                            raise _Cancelled()
-                        if len(data) > end - pos:
-                            data = data[: end - pos]
-                        os.pwrite(fd, data, pos)
-                        if blocks is not None:
-                            blocks.append(data)
-                        pos += len(data)
-                        on_position(pos - start)
-                        if report is not None:
-                            report()
-                finally:
-                    stream.close()  # now, not when the traceback is freed: it holds a connection
-                if pos < end:
-                    raise StorageError(f"{self.label}: stream ended at byte {pos} of {self.info.size}")
-            except self.transient as exc:
-                delay = next(delays, None)
-                if delay is None or self.cancel.is_set():
-                    raise
-                logger.info("%s: stream cut at byte %d (%s); resuming", self.label, pos, type(exc).__name__)
-                time.sleep(delay)
+                for data in stream:
+                    self.workers.check()
+                    if len(data) > end - pos:
+                        data = data[: end - pos]
+                    os.pwrite(fd, data, pos)
+                    if blocks is not None:
+                        blocks.append(data)
+                    pos += len(data)
+                    on_position(pos - start)
+                    if report is not None:
+                        report()
+            finally:
+                stream.close()  # now, not when the traceback is freed: it holds a connection
+            if pos < end:
+                raise StorageError(f"{self.label}: stream ended at byte {pos} of {self.info.size}")
+
+        retried(stream_rest, policy=self.retry, transient=lambda exc: isinstance(exc, self.transient),
+                cancel=self.workers.cancel, label=f"{self.label}: chunk {index}")

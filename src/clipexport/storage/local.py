@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from clipexport.errors import PreconditionFailedError, StorageError, UsageError
+from clipexport.errors import PreconditionFailedError, StorageError, StorageNotFoundError, UsageError
 from clipexport.storage.base import (
     CHUNK,
     CountingReader,
@@ -136,6 +136,18 @@ class LocalStorage:
             return None
         except OSError as exc:
             raise self._error(f"read {key}", exc) from exc
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                data = os.pread(f.fileno(), end - start, start)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise StorageNotFoundError(f"{self.url}/{key}: no such object") from None
+        except OSError as exc:
+            raise self._error(f"read {key}", exc) from exc
+        if len(data) != end - start:
+            raise StorageError(f"{self.url}/{key}: bytes {start}-{end} are past its end")
+        return data
 
     def get_file(
         self, key: str, path: Path, *, progress: Progress | None = None, sha256: str | None = None

@@ -19,9 +19,10 @@ R2's rules are checked here, since local servers do not enforce them: one
 part size for the whole upload (only the last part smaller), 5 MiB to
 5 GiB, at most 10,000 parts, `ContentMD5` on every part and object.
 
-Every botocore/boto3 error is translated at this boundary into the
-`StorageError` tree; messages name the endpoint, bucket and key, never a
-credential.
+Every botocore/boto3 error is translated at this boundary
+(`s3errors.S3Errors`) into the `StorageError` tree; messages name the
+endpoint, bucket and key, never a credential. Retries and the pool of parts
+are the engine both stores share (`transfer`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,7 @@ import io
 import logging
 import math
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +41,7 @@ import boto3
 import botocore.exceptions as bce
 from botocore.exceptions import ClientError
 
-from clipexport.errors import (
-    PreconditionFailedError,
-    StorageAuthError,
-    StorageError,
-    StorageNotFoundError,
-    StorageUnreachableError,
-    UsageError,
-)
+from clipexport.errors import StorageError, StorageNotFoundError, UsageError
 from clipexport.storage.base import (
     CountingReader,
     HighWater,
@@ -63,8 +54,10 @@ from clipexport.storage.base import (
     check_key,
     hash_file,
 )
-from clipexport.storage.download import fetch
 from clipexport.storage.config import S3Settings
+from clipexport.storage.download import fetch
+from clipexport.storage.s3errors import BOTO_ERRORS, CREDENTIAL_ERRORS, NETWORK_ERRORS, S3Errors, code, codes, transient
+from clipexport.storage.transfer import Workers, retried
 
 logger = logging.getLogger("clipexport.storage")
 
@@ -78,44 +71,12 @@ DEFAULT_CONCURRENCY = 10  # as s3transfer
 DOWNLOAD_CHUNK = 1 * MiB
 META_SHA256 = "sha256"  # sent as x-amz-meta-sha256
 
-_AUTH_CODES = {
-    "401",
-    "403",
-    "AccessDenied",
-    "AuthorizationHeaderMalformed",
-    "ExpiredToken",
-    "InvalidAccessKeyId",
-    "InvalidClientTokenId",
-    "InvalidToken",
-    "SignatureDoesNotMatch",
-    "TokenRefreshRequired",
-    "Unauthorized",
-}
-_NOT_FOUND_CODES = {"404", "NoSuchBucket", "NoSuchKey", "NotFound"}
-_PRECONDITION_CODES = {"412", "PreconditionFailed"}
-#: Network failures that leave nothing to conclude: try again later.
-_NETWORK_ERRORS = (
-    bce.EndpointConnectionError,
-    bce.ConnectionClosedError,
-    bce.ConnectTimeoutError,
-    bce.ReadTimeoutError,
-    bce.ResponseStreamingError,
-    bce.IncompleteReadError,
-    bce.HTTPClientError,
-)
-_CREDENTIAL_ERRORS = (
-    bce.NoCredentialsError,
-    bce.PartialCredentialsError,
-    bce.CredentialRetrievalError,
-    bce.ProfileNotFound,
-)
-
-
-class _Cancelled(BaseException):
-    """Raised inside a part's body read to stop its request at once.
-
-    A BaseException, so that botocore neither wraps nor retries it.
-    """
+# The ClientErrors that mean "not there" to the request that meets them.
+_NO_BUCKET = codes(statuses=(404,))  # HeadBucket: a HEAD has no body, only its status
+_NO_OBJECT = codes("404", "NoSuchKey", "NotFound", statuses=(404,))
+_NO_KEY = codes("NoSuchKey", "404", "NotFound")  # a GET: NoSuchBucket (404 too) is an error
+_NO_UPLOAD = codes("NoSuchUpload", "404")
+_UPLOAD_GONE = codes("NoSuchUpload", "404", statuses=(404,))
 
 
 class _Transient(Exception):
@@ -143,14 +104,6 @@ def _changed(path: Path, before: os.stat_result) -> bool:
     except OSError:
         return True
     return (now.st_size, now.st_mtime_ns) != (before.st_size, before.st_mtime_ns)
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 class S3Storage:
@@ -181,7 +134,7 @@ class S3Storage:
         self.multipart_threshold = max(multipart_threshold, 1)
         self.max_concurrency = max(1, max_concurrency)
         self.part_retry = part_retry
-        self._secrets: list[str] = []
+        self.errors = S3Errors(bucket, self.prefix, self.settings.endpoint_label, self.settings.max_attempts)
         self.client = client if client is not None else self._make_client(session)
 
     def __repr__(self) -> str:
@@ -203,17 +156,17 @@ class S3Storage:
                 config=s.botocore_config(),
                 verify=s.verify,
             )
-        except _CREDENTIAL_ERRORS as exc:
-            raise self._auth_error(exc) from None
+        except CREDENTIAL_ERRORS as exc:
+            raise self.errors.auth_error(exc) from None
         except (bce.BotoCoreError, ValueError) as exc:
             raise StorageError(f"cannot set up the S3 client for {s.endpoint_label}: {type(exc).__name__}") from None
         creds = session.get_credentials()
         if creds is not None:
             try:
                 frozen = creds.get_frozen_credentials()
-                self._secrets = [x for x in (frozen.secret_key, frozen.token) if x]
+                self.errors.secrets = [x for x in (frozen.secret_key, frozen.token) if x]
             except Exception:  # noqa: BLE001 - only used to scrub messages
-                self._secrets = []
+                self.errors.secrets = []
         return client
 
     # -- names and errors ---------------------------------------------------
@@ -222,93 +175,21 @@ class S3Storage:
         check_key(key)
         return self.prefix + key
 
-    def _where(self, key: str | None = None) -> str:
-        name = f"s3://{self.bucket}/{self.prefix}{key or ''}" if key is not None else f"bucket {self.bucket!r}"
-        return f"{name} at {self.settings.endpoint_label}"
-
     def _state_key(self, key: str) -> str:
         return f"{self.url}/{key}"
-
-    def _scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def _auth_error(self, exc: Exception) -> StorageAuthError:
-        if isinstance(exc, bce.ProfileNotFound):
-            return StorageAuthError(f"AWS profile {exc.kwargs.get('profile')!r} not found (for {self.settings.endpoint_label})")
-        return StorageAuthError(
-            f"no usable S3 credentials for {self.settings.endpoint_label}: set AWS_ACCESS_KEY_ID and "
-            f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE ({type(exc).__name__})"
-        )
-
-    def _translate(self, exc: BaseException, op: str, key: str | None = None) -> StorageError:
-        """The StorageError for a botocore error during `op` on `key`."""
-        where = self._where(key)
-        if isinstance(exc, StorageError):
-            return exc
-        if isinstance(exc, ClientError):
-            code, status = _code(exc), _status(exc)
-            if code in _AUTH_CODES or status in (401, 403):
-                what = "access denied" if code == "AccessDenied" else "credentials rejected"
-                return StorageAuthError(f"{op} {where}: {what} ({code or status}); check the access key, secret and endpoint")
-            if code == "NoSuchBucket":
-                return StorageNotFoundError(f"{op} {where}: bucket {self.bucket!r} does not exist")
-            if code in _NOT_FOUND_CODES or status == 404:
-                return StorageNotFoundError(f"{op} {where}: not found ({code or status})")
-            if code in _PRECONDITION_CODES or status == 412:
-                return PreconditionFailedError(f"{op} {where}: the object changed (412 {code})")
-            message = self._scrub(str(exc.response.get("Error", {}).get("Message") or ""))[:200]
-            return StorageError(f"{op} {where}: {code or status}{': ' + message if message else ''}")
-        if isinstance(exc, _CREDENTIAL_ERRORS):
-            return self._auth_error(exc)
-        if isinstance(exc, bce.SSLError):
-            return StorageUnreachableError(f"{op} {where}: TLS failed ({self._scrub(str(exc))[:200]})")
-        if isinstance(exc, _NETWORK_ERRORS):
-            return StorageUnreachableError(
-                f"{op} {where}: endpoint did not answer ({type(exc).__name__}) after "
-                f"{self.settings.max_attempts} tries"
-            )
-        if isinstance(exc, bce.BotoCoreError):
-            return StorageError(f"{op} {where}: {type(exc).__name__}: {self._scrub(str(exc))[:200]}")
-        return StorageError(f"{op} {where}: {type(exc).__name__}: {self._scrub(str(exc))[:200]}")
-
-    def _call(self, op: str, key: str | None, fn: Callable[..., Any], **kwargs: Any) -> Any:
-        """Call a client method, translating its errors."""
-        try:
-            return fn(**kwargs)
-        except (ClientError, bce.BotoCoreError) as exc:
-            raise self._translate(exc, op, key) from exc
-
-    @staticmethod
-    def _transient(exc: BaseException) -> bool:
-        """Worth another try after botocore's own: network, 5xx, throttling."""
-        if isinstance(exc, ClientError):
-            return _status(exc) >= 500 or _code(exc) in ("SlowDown", "RequestTimeout", "InternalError")
-        return isinstance(exc, _NETWORK_ERRORS)
 
     # -- small objects and metadata -----------------------------------------
 
     def check(self) -> None:
         """Fail now, with a clear error, if the bucket cannot be reached or used."""
-        try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if _status(exc) == 404:
-                raise StorageNotFoundError(f"open {self._where()}: bucket {self.bucket!r} does not exist") from exc
-            raise self._translate(exc, "open", None) from exc
-        except bce.BotoCoreError as exc:
-            raise self._translate(exc, "open", None) from exc
+        if self.errors.call("open", None, self.client.head_bucket, Bucket=self.bucket, expected=_NO_BUCKET) is None:
+            raise StorageNotFoundError(f"open {self.errors.where()}: bucket {self.bucket!r} does not exist")
 
     def stat(self, key: str) -> ObjectInfo | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._full(key))
-        except ClientError as exc:
-            if _status(exc) == 404 or _code(exc) in ("404", "NoSuchKey", "NotFound"):
-                return None
-            raise self._translate(exc, "stat", key) from exc
-        except bce.BotoCoreError as exc:
-            raise self._translate(exc, "stat", key) from exc
+        head = self.errors.call("stat", key, self.client.head_object, Bucket=self.bucket, Key=self._full(key),
+                                expected=_NO_OBJECT)
+        if head is None:
+            return None
         return ObjectInfo(
             key=key,
             size=int(head["ContentLength"]),
@@ -317,50 +198,54 @@ class S3Storage:
         )
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _, md5 = _md5(data)
-        self._call(
-            "put",
+        self._put_object("put", key, data, data, hashlib.sha256(data).hexdigest())
+
+    def _put_object(self, op: str, key: str, data: bytes, body: Any, sha: str) -> None:
+        """One PutObject of `data`, sent as `body` (a counting reader, for progress), checked by MD5."""
+        self.errors.call(
+            op,
             key,
             self.client.put_object,
             Bucket=self.bucket,
             Key=self._full(key),
-            Body=data,
-            ContentMD5=md5,
-            Metadata={META_SHA256: hashlib.sha256(data).hexdigest()},
+            Body=body,
+            ContentLength=len(data),
+            ContentMD5=_md5(data)[1],
+            Metadata={META_SHA256: sha},
         )
 
     def get_bytes(self, key: str) -> bytes | None:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
+        def read() -> bytes:
+            return self.client.get_object(Bucket=self.bucket, Key=self._full(key))["Body"].read()
+
+        return self.errors.call("get", key, read, expected=_NO_KEY)
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """One ranged GET, tried again on transient errors like a part."""
+
+        def read() -> bytes:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._full(key), Range=f"bytes={start}-{end - 1}")
             return response["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
-                return None
-            raise self._translate(exc, "get", key) from exc
-        except bce.BotoCoreError as exc:
-            raise self._translate(exc, "get", key) from exc
+
+        data = self.errors.call("read", key, retried, read, policy=self.part_retry, transient=transient,
+                                label=f"read {key}")
+        if len(data) != end - start:
+            raise StorageError(f"read {self.errors.where(key)}: got {len(data)} of bytes {start}-{end}")
+        return data
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         """Objects under `prefix`; listings carry no metadata, so sha256 is None."""
         check_key(prefix, prefix=True)
-        found = []
-        try:
-            pages = self.client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self.prefix + prefix
-            )
-            for page in pages:
-                for item in page.get("Contents", ()):
-                    found.append(
-                        ObjectInfo(
-                            key=item["Key"][len(self.prefix) :],
-                            size=int(item["Size"]),
-                            sha256=None,
-                            etag=item.get("ETag"),
-                        )
-                    )
-        except (ClientError, bce.BotoCoreError) as exc:
-            raise self._translate(exc, "list", prefix) from exc
+        found = [
+            ObjectInfo(key=item["Key"][len(self.prefix) :], size=int(item["Size"]), sha256=None, etag=item.get("ETag"))
+            for item in self.errors.call("list", prefix, self._pages, "list_objects_v2", "Contents", prefix)
+        ]
         return sorted(found, key=lambda i: i.key)
+
+    def _pages(self, operation: str, field: str, prefix: str, **kwargs: Any) -> list[dict]:
+        """Every item of a paginated listing under `prefix` (call it through `errors.call`)."""
+        pages = self.client.get_paginator(operation).paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, **kwargs)
+        return [item for page in pages for item in page.get(field, ())]
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under `prefix` and abort its unfinished uploads."""
@@ -370,19 +255,11 @@ class S3Storage:
         for key in keys:
             # DeleteObjects needs a request checksum some servers reject;
             # single deletes work everywhere and these sets are small.
-            self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
-        try:
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=self.prefix + prefix
-            )
-            for page in pages:
-                for upload in page.get("Uploads", ()):
-                    self._abort(upload["Key"], upload["UploadId"])
-        except ClientError as exc:
-            if _code(exc) not in ("NotImplemented", "501"):
-                raise self._translate(exc, "list uploads", prefix) from exc
-        except bce.BotoCoreError as exc:
-            raise self._translate(exc, "list uploads", prefix) from exc
+            self.errors.call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
+        uploads = self.errors.call("list uploads", prefix, self._pages, "list_multipart_uploads", "Uploads", prefix,
+                                   expected=codes("NotImplemented", "501"))
+        for upload in uploads or ():
+            self._abort(upload["Key"], upload["UploadId"])
         return len(keys)
 
     # -- downloads ----------------------------------------------------------
@@ -400,9 +277,9 @@ class S3Storage:
                     Bucket=self.bucket, Key=full, Range=f"bytes={start}-{end - 1}", **extra
                 )
             except ClientError as exc:
-                if self._transient(exc):
+                if transient(exc):
                     raise _Transient() from exc
-                raise self._translate(exc, "download", key) from exc
+                raise self.errors.translate(exc, "download", key) from exc
             body = response["Body"]
             try:
                 yield from body.iter_chunks(DOWNLOAD_CHUNK)
@@ -416,18 +293,18 @@ class S3Storage:
                 open_range,
                 sha256=sha256,
                 progress=progress,
-                transient=(*_NETWORK_ERRORS, _Transient),
+                transient=(*NETWORK_ERRORS, _Transient),
                 retry=self.part_retry,
-                label=self._where(key),
+                label=self.errors.where(key),
                 chunk_size=self.part_size,
                 concurrency=self.max_concurrency,
             )
         except _Transient as exc:
-            raise self._translate(exc.__cause__ or exc, "download", key) from exc
-        except (ClientError, bce.BotoCoreError) as exc:
-            raise self._translate(exc, "download", key) from exc
+            raise self.errors.translate(exc.__cause__ or exc, "download", key) from exc
+        except BOTO_ERRORS as exc:
+            raise self.errors.translate(exc, "download", key) from exc
         except OSError as exc:
-            raise StorageError(f"download {self._where(key)} to {path}: {exc.strerror or exc}") from exc
+            raise StorageError(f"download {self.errors.where(key)} to {path}: {exc.strerror or exc}") from exc
 
     # -- uploads ------------------------------------------------------------
 
@@ -462,11 +339,11 @@ class S3Storage:
             _Multipart(self, key, path, size, sha, report, state, skey, before).run()
         if _changed(path, before):
             # Too late to stop it: do not leave other bytes under this content's name.
-            self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
-            raise StorageError(f"{path}: changed while being uploaded to {self._where(key)}; run again")
+            self.errors.call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
+            raise StorageError(f"{path}: changed while being uploaded to {self.errors.where(key)}; run again")
         stored = self.stat(key)
         if stored is None or stored.size != size or stored.sha256 != sha:
-            raise StorageError(f"upload {self._where(key)}: stored object does not match {path} (size or sha256)")
+            raise StorageError(f"upload {self.errors.where(key)}: stored object does not match {path} (size or sha256)")
         report.flush(size)
         return stored
 
@@ -474,19 +351,7 @@ class S3Storage:
         data = path.read_bytes()
         if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
             raise StorageError(f"{path}: its sha256 is not {sha} (changed since hashed?); run again")
-        _, md5 = _md5(data)
-        body = CountingReader(io.BytesIO(data), report)
-        self._call(
-            "upload",
-            key,
-            self.client.put_object,
-            Bucket=self.bucket,
-            Key=self._full(key),
-            Body=body,
-            ContentLength=size,
-            ContentMD5=md5,
-            Metadata={META_SHA256: sha},
-        )
+        self._put_object("upload", key, data, CountingReader(io.BytesIO(data), report), sha)
 
     def _forget(self, state: TransferState, skey: str) -> None:
         """Abort and forget an upload the state still records."""
@@ -497,13 +362,8 @@ class S3Storage:
             state.clear(skey)
 
     def _abort(self, full_key: str, upload_id: str) -> None:
-        try:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
-        except ClientError as exc:
-            if _code(exc) not in ("NoSuchUpload", "404"):
-                raise self._translate(exc, "abort upload", full_key[len(self.prefix) :]) from exc
-        except bce.BotoCoreError as exc:
-            raise self._translate(exc, "abort upload", full_key[len(self.prefix) :]) from exc
+        self.errors.call("abort upload", full_key[len(self.prefix) :], self.client.abort_multipart_upload,
+                         Bucket=self.bucket, Key=full_key, UploadId=upload_id, expected=_NO_UPLOAD)
 
     def abort_uploads(self, state: TransferState) -> None:
         """Cancel: abort every multipart upload `state` records for this store."""
@@ -536,7 +396,7 @@ class _Multipart:
         self.full = store._full(key)
         self.report, self.state, self.skey = report, state, skey
         self.client = store.client
-        self.cancel = threading.Event()
+        self.workers: Workers[int, str] = Workers(store.max_concurrency, name="s3part", poll_s=0.1)
 
     # The record kept in the TransferState, one per object:
     # {"v": 1, "bucket", "key" (full), "upload_id", "part_size", "size",
@@ -552,11 +412,11 @@ class _Multipart:
         self.report.flush(progress.total)
         missing = [n for n in range(1, count + 1) if n not in stored]
         if missing:
-            logger.info("%s: %d of %d parts to send", self.s._where(self.key), len(missing), count)
+            logger.info("%s: %d of %d parts to send", self.s.errors.where(self.key), len(missing), count)
             self._send(record, missing, part_size, progress)
         if _changed(self.path, self.before):
             self.s._forget(self.state, self.skey)
-            raise StorageError(f"{self.path}: changed while being uploaded to {self.s._where(self.key)}; run again")
+            raise StorageError(f"{self.path}: changed while being uploaded to {self.s.errors.where(self.key)}; run again")
         self._complete(record, count, part_size)
         self.state.clear(self.skey)
 
@@ -573,7 +433,7 @@ class _Multipart:
 
     def _begin(self) -> tuple[dict, dict[int, str]]:
         part_size = self._part_size()
-        created = self.s._call(
+        created = self.s.errors.call(
             "start upload",
             self.key,
             self.client.create_multipart_upload,
@@ -612,7 +472,7 @@ class _Multipart:
             return None
         listed = self._list_parts(record["upload_id"])
         if listed is None:
-            logger.info("%s: recorded upload is gone; starting over", self.s._where(self.key))
+            logger.info("%s: recorded upload is gone; starting over", self.s.errors.where(self.key))
             self.state.clear(self.skey)
             return None
         part_size = record["part_size"]
@@ -635,7 +495,7 @@ class _Multipart:
         record["parts"] = {str(n): e for n, e in sorted(verified.items())}
         self.state.save(self.skey, record)
         logger.info(
-            "%s: resuming upload, %d of %d parts already stored", self.s._where(self.key), len(verified), count
+            "%s: resuming upload, %d of %d parts already stored", self.s.errors.where(self.key), len(verified), count
         )
         return record, verified
 
@@ -645,20 +505,19 @@ class _Multipart:
         A list, because SeaweedFS lists every version of a re-sent part
         number (and completes with the one whose etag is named).
         """
-        parts: dict[int, list[tuple[str, int]]] = {}
-        try:
+
+        def listing() -> list[dict]:
             pages = self.client.get_paginator("list_parts").paginate(
                 Bucket=self.s.bucket, Key=self.full, UploadId=upload_id
             )
-            for page in pages:
-                for p in page.get("Parts", ()):
-                    parts.setdefault(int(p["PartNumber"]), []).append((p["ETag"], int(p["Size"])))
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchUpload", "404") or _status(exc) == 404:
-                return None
-            raise self.s._translate(exc, "list parts", self.key) from exc
-        except bce.BotoCoreError as exc:
-            raise self.s._translate(exc, "list parts", self.key) from exc
+            return [p for page in pages for p in page.get("Parts", ())]
+
+        listed = self.s.errors.call("list parts", self.key, listing, expected=_UPLOAD_GONE)
+        if listed is None:
+            return None
+        parts: dict[int, list[tuple[str, int]]] = {}
+        for p in listed:
+            parts.setdefault(int(p["PartNumber"]), []).append((p["ETag"], int(p["Size"])))
         return parts
 
     def _send(self, record: dict, missing: list[int], part_size: int, progress: HighWater) -> None:
@@ -669,30 +528,22 @@ class _Multipart:
         here. Any failure stops the other parts at their next read.
         """
         fd = os.open(self.path, os.O_RDONLY)
-        pool = ThreadPoolExecutor(max_workers=min(self.s.max_concurrency, len(missing)), thread_name_prefix="s3part")
-        pending: dict[Future, int] = {}
+
+        def landed(number: int, etag: str) -> None:
+            record["parts"][str(number)] = etag
+            self.state.save(self.skey, record)
+
         try:
-            for number in missing:
-                pending[pool.submit(self._send_part, fd, record["upload_id"], number, part_size, progress)] = number
-            while pending:
-                finished, _ = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    number = pending.pop(future)
-                    record["parts"][str(number)] = future.result()
-                    self.state.save(self.skey, record)
-                self.report(progress.total)
+            self.workers.run(missing, lambda number: self._send_part(fd, record["upload_id"], number, part_size,
+                                                                      progress),
+                             landed, lambda: self.report(progress.total))
         finally:
-            self.cancel.set()
-            for future in pending:
-                future.cancel()
-            pool.shutdown(wait=True)
             os.close(fd)
         self.report.flush(progress.total)
 
     def _send_part(self, fd: int, upload_id: str, number: int, part_size: int, progress: HighWater) -> str:
         """Read, checksum and send one part, trying again on transient errors."""
-        if self.cancel.is_set():
-            raise _Cancelled()
+        self.workers.check()
         offset = (number - 1) * part_size
         length = self._length(number, part_size)
         data = os.pread(fd, length, offset)
@@ -702,33 +553,29 @@ class _Multipart:
         on_position = progress.slot(number - 1)
 
         def watch(pos: int) -> None:
-            if self.cancel.is_set():
-                raise _Cancelled()
+            self.workers.check()
             on_position(pos)
 
-        delays = self.s.part_retry.delays()
-        while True:
-            try:
-                response = self.client.upload_part(
-                    Bucket=self.s.bucket,
-                    Key=self.full,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=CountingReader(io.BytesIO(data), watch),
-                    ContentLength=length,
-                    ContentMD5=md5_b64,
-                )
-                break
-            except (ClientError, bce.BotoCoreError) as exc:
-                delay = next(delays, None) if self.s._transient(exc) else None
-                if delay is None or self.cancel.is_set():
-                    if isinstance(exc, ClientError) and _code(exc) == "NoSuchUpload":
-                        raise StorageError(
-                            f"upload {self.s._where(self.key)}: the multipart upload was aborted meanwhile; run again"
-                        ) from exc
-                    raise self.s._translate(exc, f"upload part {number} of", self.key) from exc
-                logger.info("part %d of %s: %s; trying again", number, self.key, type(exc).__name__)
-                time.sleep(delay)
+        def send() -> dict:
+            return self.client.upload_part(
+                Bucket=self.s.bucket,
+                Key=self.full,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=CountingReader(io.BytesIO(data), watch),
+                ContentLength=length,
+                ContentMD5=md5_b64,
+            )
+
+        try:
+            response = retried(send, policy=self.s.part_retry, transient=transient, cancel=self.workers.cancel,
+                               label=f"part {number} of {self.key}")
+        except BOTO_ERRORS as exc:
+            if isinstance(exc, ClientError) and code(exc) == "NoSuchUpload":
+                raise StorageError(
+                    f"upload {self.s.errors.where(self.key)}: the multipart upload was aborted meanwhile; run again"
+                ) from exc
+            raise self.s.errors.translate(exc, f"upload part {number} of", self.key) from exc
         # The server checked the bytes against ContentMD5 (BadDigest otherwise);
         # its etag is not always their MD5 (SSE-KMS), so it is recorded, not judged.
         return response["ETag"]
@@ -738,33 +585,27 @@ class _Multipart:
         upload_id = record["upload_id"]
         listed = self._list_parts(upload_id)
         if listed is None:
-            raise StorageError(f"upload {self.s._where(self.key)}: the multipart upload was aborted meanwhile; run again")
+            raise StorageError(f"upload {self.s.errors.where(self.key)}: the multipart upload was aborted meanwhile; run again")
         parts = []
         for number in range(1, count + 1):
             etag = record["parts"].get(str(number))
             sizes = [size for tag, size in listed.get(number, ()) if _plain_etag(tag) == _plain_etag(etag)]
             if etag is None or not sizes:
-                raise StorageError(f"upload {self.s._where(self.key)}: part {number} is missing on the server")
+                raise StorageError(f"upload {self.s.errors.where(self.key)}: part {number} is missing on the server")
             if sizes[0] != self._length(number, part_size):
                 raise StorageError(
-                    f"upload {self.s._where(self.key)}: part {number} has {sizes[0]} bytes, not "
+                    f"upload {self.s.errors.where(self.key)}: part {number} has {sizes[0]} bytes, not "
                     f"{self._length(number, part_size)} (R2 needs one part size)"
                 )
             parts.append({"PartNumber": number, "ETag": etag})
-        delays = self.s.part_retry.delays()
-        while True:
-            try:
-                self.client.complete_multipart_upload(
-                    Bucket=self.s.bucket, Key=self.full, UploadId=upload_id, MultipartUpload={"Parts": parts}
-                )
-                break
-            except (ClientError, bce.BotoCoreError) as exc:
-                if isinstance(exc, ClientError) and _code(exc) == "NoSuchUpload":
-                    # An earlier try may have completed it before its answer was lost.
-                    found = self.s.stat(self.key)
-                    if found is not None and found.size == self.size and found.sha256 == self.sha:
-                        return
-                delay = next(delays, None) if self.s._transient(exc) else None
-                if delay is None:
-                    raise self.s._translate(exc, "complete upload", self.key) from exc
-                time.sleep(delay)
+        try:
+            retried(lambda: self.client.complete_multipart_upload(
+                Bucket=self.s.bucket, Key=self.full, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ), policy=self.s.part_retry, transient=transient, label=f"complete {self.key}")
+        except BOTO_ERRORS as exc:
+            if isinstance(exc, ClientError) and code(exc) == "NoSuchUpload":
+                # An earlier try may have completed it before its answer was lost.
+                found = self.s.stat(self.key)
+                if found is not None and found.size == self.size and found.sha256 == self.sha:
+                    return
+            raise self.s.errors.translate(exc, "complete upload", self.key) from exc
