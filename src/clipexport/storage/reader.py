@@ -11,7 +11,10 @@ translation, and no credential in a URL that an error message could show.
 Reads go ahead in blocks that double while the reads stay sequential (from
 `block`, up to `max_block`) and start small again after a seek, so a demuxer
 hopping through the index costs little and a long sequential read costs few
-requests. The bytes fetched are counted (`fetched`) for the logs and tests.
+requests. The last few blocks are kept for every stream of the clip: the
+decoder opens it more than once (timestamps, then frames), and the header
+and index it reads each time are fetched once. The bytes fetched are counted
+(`fetched`) for the logs and tests.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from clipexport.storage.base import Storage
 
 BLOCK = 256 << 10
 MAX_BLOCK = 1 << 20
+KEPT = 8  # blocks kept (8 MiB at most): what opening the clip reads (header, index, first packets), and more
 
 
 class StoredClip:
@@ -32,6 +36,7 @@ class StoredClip:
         self.storage, self.key, self.size = storage, key, size
         self.block, self.max_block = block, max(block, max_block)
         self.fetched = 0  # bytes received, over every stream opened
+        self._blocks: dict[int, bytes] = {}  # start -> bytes, oldest first
         self._lock = threading.Lock()
 
     def __str__(self) -> str:
@@ -41,23 +46,32 @@ class StoredClip:
     def open_stream(self) -> RangeReader:
         return RangeReader(self)
 
-    def _read(self, start: int, end: int) -> bytes:
+    def kept(self, pos: int) -> tuple[int, bytes] | None:
+        """The kept block holding byte `pos`, as (start, bytes)."""
+        with self._lock:
+            for at, block in self._blocks.items():
+                if at <= pos < at + len(block):
+                    return at, block
+        return None
+
+    def fetch(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) from the store, kept as a block (the oldest kept one goes)."""
         data = self.storage.read_range(self.key, start, end)
         with self._lock:
             self.fetched += len(data)
+            self._blocks[start] = data
+            while len(self._blocks) > KEPT:
+                del self._blocks[next(iter(self._blocks))]
         return data
 
 
 class RangeReader(io.RawIOBase):
-    """A read-only, seekable file over a `StoredClip`, keeping its last few read-ahead blocks."""
-
-    KEPT = 4  # blocks kept: a demuxer going back to the header after reading the index finds it here
+    """A read-only, seekable file over a `StoredClip`, reading ahead in blocks."""
 
     def __init__(self, clip: StoredClip) -> None:
         super().__init__()
         self._clip = clip
         self._pos = 0
-        self._blocks: dict[int, bytes] = {}  # start -> bytes, oldest first
         self._next = -1  # where the last block fetched ends: a read there is sequential
         self._ahead = clip.block  # the next block's size: doubles while reads stay sequential
 
@@ -90,14 +104,10 @@ class RangeReader(io.RawIOBase):
 
     def _block(self) -> tuple[int, bytes]:
         """The kept block holding the position, else a new one fetched there."""
-        for at, block in self._blocks.items():
-            if at <= self._pos < at + len(block):
-                return at, block
+        found = self._clip.kept(self._pos)
+        if found is not None:
+            return found
         sequential = self._pos == self._next
         self._ahead = min(self._ahead * 2, self._clip.max_block) if sequential else self._clip.block
-        end = min(self._clip.size, self._pos + self._ahead)
-        block = self._clip._read(self._pos, end)
-        self._blocks[self._pos], self._next = block, end
-        while len(self._blocks) > self.KEPT:
-            del self._blocks[next(iter(self._blocks))]
-        return self._pos, block
+        self._next = min(self._clip.size, self._pos + self._ahead)
+        return self._pos, self._clip.fetch(self._pos, self._next)
