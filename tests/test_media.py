@@ -380,8 +380,9 @@ def test_header_that_misstates_the_duration_is_measured(tmp_path: Path) -> None:
     times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]
     info = probe(make_clip(tmp_path / "hold.mp4", frame_times=times, audio=False))
     assert info.duration == pytest.approx(1.3, abs=0.01) and info.frames == 8
+    assert info.pace == 10  # frames 0.1 s apart but for the pause: rendered at 10 fps, the pause repeats frame 6
     plan = plan_clips([info], [None], [None])[0]
-    assert indices(plan, 0, plan.frames) == list(range(8))
+    assert indices(plan, 0, plan.frames) == [0, 1, 2, 3, 4, 5, *[6] * 6, 7]
 
 
 def test_frames_without_timestamps_keep_their_place(tmp_path: Path) -> None:

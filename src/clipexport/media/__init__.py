@@ -16,7 +16,8 @@ Conventions used throughout
 frame (``stream.start_time``); audio is aligned on the same container clock.
 
 *Frame rate, VFR.* ``ClipInfo.fps`` is the stream's *average* rate. Output is
-always constant frame rate at the first clip's average rate: output frame
+always constant frame rate at the first clip's average rate (its
+``ClipInfo.pace`` where pauses pull the average below its usual spacing): output frame
 ``k`` of a clip shows the source frame on screen at source time
 ``T0 + k / fps_target`` (the last frame whose pts is at or before that time,
 with a tolerance of min(1/4 source frame, one time-base tick) for pts

@@ -171,7 +171,8 @@ def plan_clips(
     """Place each clip on the output timeline.
 
     The output size and fps are the first clip's (after its crop, in square
-    pixels at its display aspect: see :func:`display_size`). Other clips
+    pixels at its display aspect: see :func:`display_size`; its fps is its
+    pace where pauses pull its average below that, see ``ClipInfo.pace``). Other clips
     are resampled to that fps by pts (module docstring) and scaled to fit that
     size keeping their aspect ratio, centred on black (letterbox/pillarbox)
     when the aspect differs; when it matches this is a plain resize.
@@ -201,7 +202,7 @@ def plan_clips(
     first, first_crop = infos[0], crops[0]
     size = display_size((first_crop.width, first_crop.height) if first_crop else (first.width, first.height),
                         first.sar)
-    fps_t = first.fps
+    fps_t = first.pace or first.fps  # a crowded clip with pauses keeps its pace (probe._pace)
 
     plans: list[ClipPlan] = []
     for info, trim, crop in zip(infos, trims, crops):

@@ -54,6 +54,7 @@ class ClipInfo:
     sar: Fraction = Fraction(1)  # sample (pixel) aspect ratio on the display axes; 2 = pixels twice as wide
     audio_tracks: int = 0  # audio streams the file holds (has_audio and audio_codec describe the first)
     crowded: bool = False  # some frames come closer together than one frame at `fps` (bursts): see plan.pushed_slots
+    pace: Fraction | None = None  # a crowded clip's usual rate (median spacing) where pauses pull `fps` below it
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (fps as "num/den")."""
@@ -72,6 +73,7 @@ class ClipInfo:
             "sar": f"{self.sar.numerator}/{self.sar.denominator}",
             "audio_tracks": self.audio_tracks,
             "crowded": self.crowded,
+            "pace": None if self.pace is None else f"{self.pace.numerator}/{self.pace.denominator}",
         }
 
     @classmethod
@@ -91,6 +93,7 @@ class ClipInfo:
             sar=Fraction(data.get("sar", "1")),
             audio_tracks=int(data.get("audio_tracks", 1 if data["has_audio"] else 0)),
             crowded=bool(data.get("crowded", False)),
+            pace=None if data.get("pace") is None else Fraction(data["pace"]),
         )
 
 
@@ -185,6 +188,32 @@ def _crowded(pts: list[int], tb: Fraction, fps: Fraction) -> bool:
     ticks = sorted(set(pts))
     least = 1 / fps - 2 * tb
     return any((b - a) * tb < least for a, b in zip(ticks, ticks[1:]))
+
+
+_RATES = (Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30), Fraction(48),
+          Fraction(50), Fraction(60000, 1001), Fraction(60), Fraction(90), Fraction(100), Fraction(120))
+
+
+def _pace(pts: list[int], tb: Fraction, fps: Fraction) -> Fraction | None:
+    """The rate of a clip's usual frame spacing (the median), when pauses pull its average `fps` below it.
+
+    A screen recording at 30 fps that holds still for seconds averages a
+    few frames a second: rendered at that average, its moving parts would
+    need many more slots than their time holds. Rendered at its pace,
+    they keep their timing and the pauses repeat a frame. Snapped to a
+    common rate within 2 %, at most 120 fps; None when within 5 % of `fps`.
+    """
+    ticks = sorted(set(pts))
+    gaps = sorted(b - a for a, b in zip(ticks, ticks[1:]))
+    if not gaps or gaps[len(gaps) // 2] <= 0:
+        return None
+    pace = 1 / (gaps[len(gaps) // 2] * tb)
+    if pace <= fps * Fraction(105, 100):
+        return None
+    common = [rate for rate in _RATES if abs(rate - pace) <= pace / 50]
+    if common:
+        return min(common, key=lambda rate: abs(rate - pace))
+    return min(Fraction(120), pace.limit_denominator(1001))
 
 
 def _index_regular(stream: Any) -> bool:
@@ -340,7 +369,7 @@ def _probe(path: Path, size: int) -> ClipInfo:
         index_complete = len(v.index_entries) >= nb > 0
         frames: int
         duration: Fraction | None
-        crowded = False
+        crowded, pace = False, None
         if (nb > 0 and stream_dur is not None and index_complete and abs(nb - stream_dur * fps) <= 1
                 and _index_regular(v) and not _ends_late(path, stream_dur)):
             frames, duration = nb, stream_dur
@@ -357,6 +386,7 @@ def _probe(path: Path, size: int) -> ClipInfo:
             if vdur and frames > 1 and abs(frames - vdur * fps) > 1:  # a variable rate the header misstates
                 fps, duration = (Fraction(frames) / vdur).limit_denominator(1_000_000), vdur
             crowded = bool(demuxed.pts) and _crowded(demuxed.pts, Fraction(tb), fps)
+            pace = _pace(demuxed.pts, Fraction(tb), fps) if crowded else None
             header = container.duration
             fmt = container.format.name if container.format else ""
             if (
@@ -418,6 +448,7 @@ def _probe(path: Path, size: int) -> ClipInfo:
         sar=sar,
         audio_tracks=audio_tracks,
         crowded=crowded,
+        pace=pace,
     )
 
 
