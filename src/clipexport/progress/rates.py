@@ -1,0 +1,199 @@
+"""Live rate smoothing: what the running job's own progress says of its speed.
+
+A rate is the model's prior (log-normal) blended with the rate observed so
+far, weighted by the evidence behind each (`blend`). Observed rates leave
+out what is not rate: the latency before a stream's first byte, a fresh
+container's warm-up, the few frames of one batch. A stall counts as time
+with no progress, so the rate falls during one instead of freezing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .moment import Moment
+from .segments import settle_point
+from .state import PartState, PhaseState
+
+
+def blend(log_prior: float, sd_prior: float, log_obs: float | None, evidence_s: float, tau_s: float) -> float:
+    """Log-rate blended by evidence: w = T / (T + tau / sd^2).
+
+    `tau_s` is the observation time worth as much as a prior of sd 1; a tight
+    prior (small sd) needs more observed time to move. The prior is heavy
+    tailed: an observation far from it (the prior is plainly wrong: other
+    hardware, another network) widens it, so the job's own rate takes over.
+    """
+    if log_obs is None or evidence_s <= 0:
+        return log_prior
+    sd = max(sd_prior, abs(log_obs - log_prior) / 2.0, 1e-3)
+    k = tau_s / sd**2
+    w = evidence_s / (evidence_s + k)
+    return w * log_obs + (1.0 - w) * log_prior
+
+
+def grace_of(p: PartState, base: float) -> float:
+    """How long a part may go without progress before it counts as stalled: its event cadence, twice."""
+    cadence = p.cadence
+    return max(base, 2.0 * cadence) if cadence is not None else base
+
+
+def stream_end(m: Moment, left: float, rate: float, base_t: float, grace: float) -> float:
+    """When a stream with `left` units at `rate` ends; its latest progress was at `base_t`.
+
+    Between progress events the time counts down; past `grace` without
+    progress the stall adds to the remaining time, growing with the stall.
+    """
+    now = m.now
+    need = left / rate if rate > 0 else math.inf
+    quiet = now - base_t
+    if quiet <= grace:
+        end = base_t + need
+    else:
+        end = now + need - grace + m.settings.stall_growth * (quiet - grace)
+    return max(end, now + min(need, 0.05) if need > 0 else now)
+
+
+def stream_evidence(m: Moment, ph: PhaseState) -> tuple[float, float, float | None]:
+    """(units done, seconds of work, latest progress time) over all parts and attempts."""
+    now, grace = m.now, m.settings.grace_s
+    done = time = 0.0
+    last: float | None = None
+    parts = list(ph.parts.values()) or [ph.whole]
+    for p in parts:
+        done += p.done + p.lost_done
+        time += p.lost_time
+        if p.start_t is None:
+            continue
+        if p.ended:
+            time += max(0.0, p.end_t - p.start_t)  # type: ignore[operator]
+            last = p.end_t if last is None else max(last, p.end_t)  # type: ignore[type-var]
+        else:
+            # a running part: its rate since its first progress (the
+            # latency before the first byte is not rate), and any stall
+            base = p.last_t if p.last_t is not None else p.start_t
+            done -= p.done
+            if p.first_t is not None and p.last_t is not None and p.last_t > p.first_t:
+                done += p.done - p.first_done
+                time += p.last_t - p.first_t
+            time += max(0.0, now - base - grace_of(p, grace))
+            last = base if last is None else max(last, base)
+    return done, time, last
+
+
+def stream_rate(m: Moment, ph: PhaseState) -> tuple[float, float] | None:
+    """(rate, evidence seconds) observed for a byte or unit stream; None before any."""
+    done, time, _ = stream_evidence(m, ph)
+    if done <= 0 or time <= 0:
+        return None
+    return done / time, time
+
+
+# -- time per frame of the GPU work ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class FrameTime:
+    """Seconds per frame of one container, as the estimate uses it."""
+
+    spf: float  # the blend of prior and observation
+    evidence_s: float  # seconds of steady work observed
+    sd: float  # spread of log spf still open (narrows with evidence; the range reads it)
+    observed: float | None  # the job's own frames per second, if any
+
+
+def warm_excess(m: Moment, spf: float) -> float:
+    """Extra seconds of a container's first segment (kernels tuned, caches filled): none after a probe."""
+    w = m.model.section("upscale").get("warmup") or {}
+    if not w or m.st.probe is not None:
+        return 0.0
+    return math.exp(float(w["a"]) + float(w["b"]) * math.log(max(spf, 1e-6)))
+
+
+def grace_frames(m: Moment, spf: float) -> float:
+    """Stall grace of a segment: a frame may take a while on a slow device."""
+    return max(m.settings.grace_s, 2.0 * spf)
+
+
+def _settled(m: Moment, p: PartState, warm: bool) -> tuple[float, float] | None:
+    """The (t, done) from which the part's rate is measured: past the warm-up."""
+    if not warm:
+        skip = 0.0
+    elif m.settings.settle_frames is not None:
+        skip = m.settings.settle_frames
+    else:
+        skip = m.model.constant("upscale", "settle_frames")
+    probed = m.st.probe is not None  # the probe's untimed pass took the warm-up
+    return settle_point(p, skip, m.settings.settle_samples if probed else None)
+
+
+def _frames_seen(m: Moment, up: PhaseState, firsts: set[str], grace: float, warm_prior: float) -> tuple[float, float]:
+    """(frames, seconds) of steady work over all segments and attempts, stalls counted as time."""
+    overhead = m.model.constant("upscale", "overhead_s")
+    done = time = 0.0
+    for key, p in up.parts.items():
+        if p.lost_done > 0:
+            done += p.lost_done
+            time += max(0.0, p.lost_time - overhead)
+        if p.start_t is None:
+            continue
+        warm = key in firsts
+        base = _settled(m, p, warm)
+        if p.ended:
+            if base is not None and p.end_t is not None and p.end_t > base[0] and p.done > base[1]:
+                time += p.end_t - base[0]
+                done += p.done - base[1]
+            elif p.done > 0:
+                time += max(0.0, (p.end_t or 0) - p.start_t - overhead - (warm_prior if warm else 0.0))
+                done += p.done
+        else:
+            last = p.last_t if p.last_t is not None else p.start_t
+            if base is not None and p.last_t is not None and p.last_t > base[0]:
+                time += p.last_t - base[0]
+                done += max(0.0, p.done - base[1])
+            time += max(0.0, m.now - last - grace_of(p, grace))
+    return done, time
+
+
+def frame_time(m: Moment, up: PhaseState, firsts: set[str]) -> FrameTime:
+    """The job's seconds per frame: the prior (probe, or model) blended with its steady frames.
+
+    `firsts` are the segments that carried their worker's warm-up.
+    """
+    s = m.settings
+    mu, sd = m.model.spf(m.f, m.st.probe)
+    mu -= s.skew * sd * sd
+    done, time = _frames_seen(m, up, firsts, grace_frames(m, math.exp(mu)), warm_excess(m, math.exp(mu)))
+    obs = math.log(time / done) if done > 0 and time > 0 else None
+    # frames leave the model in batches: a few frames' rate is a burst's, so
+    # evidence counts fully only past a few batches' worth of frames
+    evidence = time * done / (done + s.batch_frames) if done > 0 else 0.0
+    log_spf = blend(mu, sd, obs, evidence, s.tau_spf)
+    sd_wide = max(sd, abs(obs - mu) / 2.0, 1e-3) if obs is not None else sd
+    k = s.tau_spf / sd_wide**2
+    sd_left = sd_wide * math.sqrt(k / (evidence + k)) if evidence > 0 else sd
+    return FrameTime(math.exp(log_spf), time, sd_left, done / time if obs is not None else None)
+
+
+# -- downloads -------------------------------------------------------------------
+
+
+def download_rate(m: Moment, dl: PhaseState) -> tuple[float, tuple[float, float] | None]:
+    """(bytes per second of the downloads to come, the observed (rate, evidence) if any).
+
+    Until downloads are seen the prior follows the upload's observed rate:
+    a slow uplink predicts a slow downlink.
+    """
+    upload = m.st.phases.get("upload")
+    up_obs = stream_rate(m, upload) if upload is not None else None
+    if up_obs is not None:
+        weight = up_obs[1] / (up_obs[1] + 1.0)
+        mu, sd = m.model.download_rate(up_obs[0], weight)
+    else:
+        mu, sd = m.model.download_rate(None)
+    skew = m.settings.skew if m.settings.skew_download is None else m.settings.skew_download
+    mu += skew * sd * sd
+    obs = stream_rate(m, dl)
+    log_rate = blend(mu, sd, math.log(obs[0]) if obs else None, obs[1] if obs else 0.0, m.settings.tau_download)
+    return math.exp(log_rate), obs
