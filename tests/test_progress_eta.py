@@ -216,3 +216,35 @@ def test_the_eta_recovers_from_what_the_model_never_saw(name, changes):
     errors = [abs(r["remaining_s"] - (t_end - r["t"])) / (t_end - r["t"]) for r in replay_events(events, MODEL)
               if t_end - r["t"] >= 10 and r["t"] - t0 >= 0.5 * (t_end - t0)]
     assert errors and sorted(errors)[len(errors) // 2] <= 0.2, name
+
+
+def _local_job(slow: tuple[float, float] | None) -> list[dict]:
+    """A local CPU job of 144 frames at 0.5 s a frame, in six segments; `slow`: (s after start, factor).
+
+    Its model load carries a speed probe that measured the quiet machine, as a real local job's does.
+    """
+    from tests.test_progress_synth import JobSpec, job_events
+
+    events = job_events(JobSpec(backend="local", gpu="cpu", width=160, height=96, scale=2, frames=144,
+                                segment_frames=24, spf=0.5, tick=0.5, slow=slow))
+    loaded = next(e for e in events if e["type"] == "phase_end" and e["phase"] == "load_model")
+    loaded["probe"] = {"s_per_px": 0.5 / (160 * 96), "device": "cpu", "model": "realesr-animevideov3", "scale": 2}
+    return events
+
+
+def test_the_eta_follows_a_machine_that_slows_down_halfway():
+    """Another process takes half the CPU 40 s in: within 8 s the remaining time is within 20 % again."""
+    events = _local_job(slow=(40.0, 2.0))
+    t0, t_end = events[0]["t"], events[-1]["t"]
+    lines = [r for r in replay_events(events, MODEL) if t_end - r["t"] >= 10]
+    after = [abs(r["remaining_s"] - (t_end - r["t"])) / (t_end - r["t"]) for r in lines if r["t"] >= t0 + 48]
+    assert len(after) > 20 and max(after) <= 0.2, max(after)
+
+
+def test_a_steady_machine_shows_no_rate_change():
+    """The same job on a quiet machine: past the first 10 %, the ETA never jumps up by more than 20 %."""
+    events = _local_job(slow=None)
+    t0, t_end = events[0]["t"], events[-1]["t"]
+    shown = [r["remaining_s"] for r in replay_events(events, MODEL) if r["t"] - t0 >= 0.1 * (t_end - t0)]
+    jumps = [(a, b) for a, b in zip(shown, shown[1:]) if b > 1.2 * a]
+    assert not jumps

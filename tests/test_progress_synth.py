@@ -40,6 +40,7 @@ class JobSpec:
     finalize_s: float = 0.5
     restart: dict[int, float] = field(default_factory=dict)  # segment index -> share done when preempted
     tick: float = 1.0  # seconds between progress events
+    slow: tuple[float, float] | None = None  # (seconds after t0, factor): from then the GPU work takes factor x as long
 
 
 def simulate(spec: JobSpec) -> list[tuple[float, dict]]:
@@ -82,13 +83,22 @@ def simulate(spec: JobSpec) -> list[tuple[float, dict]]:
         unit = {"unit": "frames" if phase in ("upscale", "encode") else "bytes"}
         flow = start if flow is None else flow
         ev(start, "phase_start", phase=phase, **keys, **unit, total=total, **extra)
-        end = flow + total / rate
+        slow_t, factor = (spec.t0 + spec.slow[0], spec.slow[1]) if spec.slow and phase in ("upscale", "encode") \
+            else (math.inf, 1.0)
+        fast = rate * max(0.0, slow_t - flow)  # units done before the machine slows
+        end = flow + total / rate if fast >= total else max(flow, slow_t) + (total - fast) * factor / rate
+
+        def done_by(k: int) -> float:
+            if flow + k * spec.tick <= slow_t:
+                return rate * k * spec.tick
+            return fast + rate * (flow + k * spec.tick - max(flow, slow_t)) / factor
+
         k = 1
         while flow + k * spec.tick < end:
             tt = flow + k * spec.tick
             if stop is not None and tt > stop:
                 return stop
-            ev(tt, "progress", phase=phase, **keys, **unit, done=int(rate * k * spec.tick), total=total, **extra)
+            ev(tt, "progress", phase=phase, **keys, **unit, done=int(done_by(k)), total=total, **extra)
             k += 1
         if stop is not None and end > stop:
             return stop

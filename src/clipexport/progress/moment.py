@@ -33,6 +33,11 @@ class Settings:
     range_scale: float = 2.5  # how the time-per-frame spread widens the 80 % range
     range_floor: float = 0.03  # the 80 % range's spread that no prior states
     range_default_sd: float = 0.3  # that spread before any GPU work is seen
+    change_ratio: float = 1.25  # a speed that changed by more than this (either way) is a new speed
+    change_min_s: float = 4.0  # seconds of work each side of a change needs to count
+    change_min_frames: float = 4.0  # frames the work after a change needs to count
+    change_min_samples: int = 4  # progress intervals each side of a change needs to count
+    change_z: float = 3.0  # standard errors of the intervals' own noise a change must exceed
 
 
 @dataclass(frozen=True)

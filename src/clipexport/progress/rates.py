@@ -128,32 +128,103 @@ def _settled(m: Moment, p: PartState, warm: bool) -> tuple[float, float] | None:
     return settle_point(p, skip, m.settings.settle_samples if probed else None)
 
 
+Stretch = tuple[float, float, float]  # (end t, seconds, frames) of steady work
+
+
+def _part_stretches(m: Moment, p: PartState, warm: bool, warm_prior: float) -> list[Stretch]:
+    """A segment's steady work between its samples, past its warm-up, in time order."""
+    base = _settled(m, p, warm)
+    if p.ended and (base is None or p.end_t is None or p.end_t <= base[0] or p.done <= base[1]):
+        if p.done <= 0:
+            return []
+        # no steady stretch to measure: its whole span, less the overhead and the prior's warm-up
+        overhead = m.model.constant("upscale", "overhead_s")
+        span = (p.end_t or 0) - (p.start_t or 0) - overhead - (warm_prior if warm else 0.0)
+        return [(p.end_t or 0.0, max(0.0, span), p.done)]
+    if base is None:
+        return []
+    samples = sorted(set(p.early + p.recent))
+    if p.ended:
+        samples = [s for s in samples if s[0] < p.end_t] + [(p.end_t, p.done)]  # type: ignore[operator]
+    out = []
+    t0, d0 = base
+    for t, d in samples:
+        if t > t0:
+            out.append((t, t - t0, max(0.0, d - d0)))
+            t0, d0 = t, max(d, d0)
+    return out
+
+
+def _noise(stretches: list[Stretch]) -> float:
+    """Spread of the stretches' own rates around the mean (log scale, roughly): what one stretch says is noisy."""
+    frames = sum(f for _, _, f in stretches)
+    secs = sum(t for _, t, _ in stretches)
+    rel = [(f / t) / (frames / secs) for _, t, f in stretches if t > 0]
+    if len(rel) < 2:
+        return 0.0
+    mean = sum(rel) / len(rel)
+    return math.sqrt(sum((r - mean) ** 2 for r in rel) / (len(rel) - 1))
+
+
+def _since_change(m: Moment, stretches: list[Stretch]) -> tuple[float, float]:
+    """(frames, seconds) to measure the rate on: all the steady work, or only what followed a change of speed.
+
+    A machine that slows down halfway (another process takes a core) or
+    speeds up again: the split of the work, in time order, where the rate
+    after differs from the rate before by more than `change_ratio` and by
+    more than the stretches' own noise allows (`change_z` standard errors),
+    each side holding enough work to be a rate; the likeliest such split (the
+    largest gain in Poisson log-likelihood) wins.
+    """
+    s = m.settings
+    frames = sum(f for _, _, f in stretches)
+    secs = sum(t for _, t, _ in stretches)
+    if frames <= 0 or secs <= 0:
+        return frames, secs
+    noise = _noise(stretches)
+    best, gain = (frames, secs), 0.0
+    fa = ta = 0.0
+    for k in range(len(stretches) - 1, 0, -1):
+        _, t, f = stretches[k]
+        fa, ta = fa + f, ta + t
+        fb, tb = frames - fa, secs - ta
+        na, nb = len(stretches) - k, k
+        if tb < s.change_min_s or nb < s.change_min_samples:
+            break
+        if ta < s.change_min_s or na < s.change_min_samples or fa < s.change_min_frames or fb <= 0:
+            continue
+        jump = abs(math.log((fa / ta) / (fb / tb)))
+        if jump < math.log(s.change_ratio) or jump < s.change_z * noise * math.sqrt(1 / na + 1 / nb):
+            continue
+        g = fa * math.log(fa / ta) + fb * math.log(fb / tb) - frames * math.log(frames / secs)
+        if g > gain:
+            best, gain = (fa, ta), g
+    return best
+
+
 def _frames_seen(m: Moment, up: PhaseState, firsts: set[str], grace: float, warm_prior: float) -> tuple[float, float]:
-    """(frames, seconds) of steady work over all segments and attempts, stalls counted as time."""
+    """(frames, seconds) of steady work to measure the rate on; stalls of running segments count as time.
+
+    Work of earlier attempts (cut short, redone since) counts as the oldest.
+    """
     overhead = m.model.constant("upscale", "overhead_s")
-    done = time = 0.0
+    lost_done = lost_time = stalled = 0.0
+    stretches: list[Stretch] = []
     for key, p in up.parts.items():
         if p.lost_done > 0:
-            done += p.lost_done
-            time += max(0.0, p.lost_time - overhead)
+            lost_done += p.lost_done
+            lost_time += max(0.0, p.lost_time - overhead)
         if p.start_t is None:
             continue
-        warm = key in firsts
-        base = _settled(m, p, warm)
-        if p.ended:
-            if base is not None and p.end_t is not None and p.end_t > base[0] and p.done > base[1]:
-                time += p.end_t - base[0]
-                done += p.done - base[1]
-            elif p.done > 0:
-                time += max(0.0, (p.end_t or 0) - p.start_t - overhead - (warm_prior if warm else 0.0))
-                done += p.done
-        else:
+        stretches += _part_stretches(m, p, key in firsts, warm_prior)
+        if not p.ended:
             last = p.last_t if p.last_t is not None else p.start_t
-            if base is not None and p.last_t is not None and p.last_t > base[0]:
-                time += p.last_t - base[0]
-                done += max(0.0, p.done - base[1])
-            time += max(0.0, m.now - last - grace_of(p, grace))
-    return done, time
+            stalled += max(0.0, m.now - last - grace_of(p, grace))
+    stretches.sort()
+    if lost_done > 0:
+        stretches.insert(0, (-math.inf, lost_time, lost_done))
+    done, time = _since_change(m, stretches) if stretches else (0.0, 0.0)
+    return done, time + stalled
 
 
 def frame_time(m: Moment, up: PhaseState, firsts: set[str]) -> FrameTime:

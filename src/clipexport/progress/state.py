@@ -24,6 +24,7 @@ from typing import Any
 
 Event = dict[str, Any]
 EARLY_SAMPLES = 24
+RECENT_SAMPLES = 24
 
 
 def _num(value: Any) -> float | None:
@@ -72,6 +73,8 @@ class PartState(_Span):
     # the first few (t, done) of the current attempt, in time order: lets an
     # estimator measure the rate after a warm-up rather than through it
     early: list[tuple[float, float]] = field(default_factory=list)
+    # and the last few: the rate now, against the rate before (a machine that slowed down)
+    recent: list[tuple[float, float]] = field(default_factory=list)
     updates: int = 0  # progress events of the current attempt (their cadence tells a stall from a pause)
     seq: float = -math.inf  # seq of the latest event applied to `done`
     worker: str | None = None
@@ -101,6 +104,7 @@ class PartState(_Span):
         self.first_t = None
         self.first_done = 0.0
         self.early = []
+        self.recent = []
         self.updates = 0
         self.seq = -math.inf
         self.detail = None
@@ -117,6 +121,7 @@ class PartState(_Span):
         self.start_t = self.last_t = self.first_t = None
         self.first_done = 0.0
         self.early = []
+        self.recent = []
         self.updates = 0
 
     def _attempt_of(self, event: Event, t: float) -> bool:
@@ -413,6 +418,8 @@ class JobState:
             if len(part.early) < EARLY_SAMPLES or t < part.early[-1][0]:
                 bisect.insort(part.early, (t, part.done))
                 del part.early[EARLY_SAMPLES:]
+            bisect.insort(part.recent, (t, part.done))
+            del part.recent[:-RECENT_SAMPLES]
         if total is not None:
             part.total = total
             if part is ph.whole:
