@@ -189,3 +189,21 @@ def test_an_unknown_gpu_gets_the_generic_prior_with_a_wide_spread():
     mu_l4, sd_l4 = m.spf(dict(f, gpu="L4"))
     assert sd > 2 * sd_l4
     assert math.isfinite(mu)
+
+
+def test_the_output_size_follows_how_busy_the_input_is(tmp_path):
+    """Jobs whose inputs take more bytes per pixel encode to more bytes per frame: the fit learns it."""
+    logs = []
+    for i in range(12):
+        busy = 2.0 ** (i % 4)  # input bytes per pixel, relative
+        logs.append(write_log(tmp_path / f"{i}.jsonl", JobSpec(
+            job=f"cx-busy{i:02d}", t0=1_700_000_000.0 + 10_000 * i, frames=240, segment_frames=120,
+            input_bytes=int(5e6 * busy), bytes_per_frame=40_000.0 * busy ** 0.5)))
+    fitted = fit_logs(logs)
+    plain = {"scale": 4, "in_width": 640, "in_height": 360, "frames": 240, "out_width": 2560, "out_height": 1440}
+    for busy in (1.0, 8.0):
+        mu, sd = fitted.bytes_per_frame({**plain, "input_bytes": 5e6 * busy})
+        assert math.exp(mu) == pytest.approx(40_000.0 * busy ** 0.5, rel=0.05)
+        assert sd < 0.2
+    mu, _ = fitted.bytes_per_frame({k: v for k, v in plain.items() if k != "frames"})  # input size unknown
+    assert math.exp(mu) == pytest.approx(40_000.0 * 2.0 ** 0.75, rel=0.25)  # the mean of all jobs

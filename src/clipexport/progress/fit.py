@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..events import read_events
-from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, out_pixels, probe_key
+from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, input_bytes_per_px, out_pixels, probe_key
 from .segments import container_kind, first_on_worker, settle_point
 from .state import JobState
 
@@ -86,6 +86,30 @@ def _linfit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float, flo
     return a, b, ref, sd
 
 
+def _linfit2(rows: Sequence[tuple[float, float, float]]) -> dict[str, float] | None:
+    """Least squares y = a + b1 (x1 - ref1) + b2 (x2 - ref2) over (x1, x2, y); with the residual sd.
+
+    When x2 never varies (one scale only), b2 is 0 and the fit is `_linfit`'s.
+    """
+    n = len(rows)
+    if n < 4:
+        return None
+    r1, r2, a = (sum(r[i] for r in rows) / n for i in range(3))
+    s11 = sum((x1 - r1) ** 2 for x1, _, _ in rows)
+    s22 = sum((x2 - r2) ** 2 for _, x2, _ in rows)
+    s12 = sum((x1 - r1) * (x2 - r2) for x1, x2, _ in rows)
+    s1y = sum((x1 - r1) * (y - a) for x1, _, y in rows)
+    s2y = sum((x2 - r2) * (y - a) for _, x2, y in rows)
+    det = s11 * s22 - s12 * s12
+    if det > 1e-9 * max(s11 * s22, 1e-12):
+        b1, b2 = (s22 * s1y - s12 * s2y) / det, (s11 * s2y - s12 * s1y) / det
+    else:
+        b1, b2 = (s1y / s11 if s11 > 1e-12 else 0.0), 0.0
+    res = [y - a - b1 * (x1 - r1) - b2 * (x2 - r2) for x1, x2, y in rows]
+    sd = math.sqrt(sum(r * r for r in res) / max(n - 3, 1))
+    return {"a": a, "b_in": b1, "ref_in": r1, "b_scale": b2, "ref_scale": r2, "sd": sd}
+
+
 def _span(p) -> float | None:
     if p.start_t is None or p.end_t is None:
         return None
@@ -99,6 +123,7 @@ class _Samples:
         self.upload: list[tuple[float, float]] = []  # (log size, log rate)
         self.download: list[tuple[float | None, float]] = []  # (log upload rate, log download rate)
         self.bpp: list[float] = []  # log encoded bytes per output pixel per frame
+        self.bpp_vs: list[tuple[float, float, float]] = []  # (log input bytes per pixel, log scale, log bpp)
         self.warm: list[float] = []
         self.cold: list[float] = []
         self.warm_counts: list[tuple[int, int]] = []  # (warm containers, containers)
@@ -145,6 +170,10 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
         bpp = _bytes_per_pixel(st, segs.frames)
         if bpp is not None:
             s.bpp.append(bpp)
+            x = input_bytes_per_px(st.features)
+            scale = st.features.get("scale")
+            if x is not None and isinstance(scale, (int, float)) and scale > 0:
+                s.bpp_vs.append((x, math.log(scale), bpp))
         s.dl_latency += _lags(st, "encode", "download", to_start=True)
         conts = _containers(st)
         s.warm += conts.warm
@@ -549,7 +578,14 @@ def _fit_output(fit: _Fit) -> dict[str, Any]:
         return sec
     mu = _shrink(ms[0], len(s.bpp), sec["log_bytes_per_px"]["mu"] if fit.base else None)
     sd = _spread(ms[1], len(s.bpp), sec["log_bytes_per_px"]["sd"], 0.1)
-    return {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(sd, 4)}}
+    out: dict[str, Any] = {"log_bytes_per_px": {"mu": round(mu, 4), "sd": round(sd, 4)}}
+    lf = _linfit2(s.bpp_vs) if len(s.bpp_vs) >= _FEW else None
+    if lf is not None:  # a busy input encodes to a busy output; a larger scale to fewer bytes per pixel
+        lf["sd"] = _spread(lf["sd"], len(s.bpp_vs), (sec.get("vs_input") or {}).get("sd", sd), 0.1)
+        out["vs_input"] = {k: round(v, 4) for k, v in lf.items()}
+    elif sec.get("vs_input"):
+        out["vs_input"] = sec["vs_input"]
+    return out
 
 
 def _fit_queue(fit: _Fit) -> dict[str, Any]:

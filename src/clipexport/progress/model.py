@@ -262,8 +262,18 @@ class TimingModel:
         return mu, sd
 
     def bytes_per_frame(self, features: Mapping[str, Any]) -> tuple[float, float]:
-        """Prior of the encoded size of one output frame."""
-        mu, sd = _lognormal(self.section("output").get("log_bytes_per_px"), math.log(0.012), 0.6)
+        """Prior of the encoded size of one output frame (log bytes, sd).
+
+        From the input's own bytes per pixel and the scale where the model
+        fitted that (a busy clip encodes to a busy output), else the mean.
+        """
+        sec = self.section("output")
+        mu, sd = _lognormal(sec.get("log_bytes_per_px"), math.log(0.012), 0.6)
+        vs, x, scale = sec.get("vs_input"), input_bytes_per_px(features), features.get("scale")
+        if vs and x is not None and isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+            mu = float(vs["a"]) + float(vs["b_in"]) * (x - float(vs["ref_in"])) \
+                + float(vs["b_scale"]) * (math.log(scale) - float(vs["ref_scale"]))
+            sd = float(vs["sd"])
         return mu + math.log(max(out_pixels(features), 1.0)), sd
 
     def p_warm(self, k: int) -> float:
@@ -406,6 +416,16 @@ def in_pixels(features: Mapping[str, Any]) -> float:
         return float(features["in_width"]) * float(features["in_height"])
     except (KeyError, TypeError, ValueError):
         return 1280.0 * 720.0
+
+
+def input_bytes_per_px(features: Mapping[str, Any]) -> float | None:
+    """log of the input's bytes per pixel per frame (how busy the clip is), when the plan says."""
+    try:
+        value = float(features["input_bytes"]) / (float(features["in_width"]) * float(features["in_height"])
+                                                   * float(features["frames"]))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+    return math.log(value) if math.isfinite(value) and value > 0 else None
 
 
 def out_pixels(features: Mapping[str, Any]) -> float:
