@@ -376,8 +376,9 @@ def test_preempted_inside_a_segment_continues_after_its_last_stored_fragment(tmp
     assert resumed[0] >= 24, "attempt 2 is shown from the frames it kept, not from 0"
     starts = [(e["attempt"], e.get("done")) for e in rec.events if e.get("part") == "seg-0001"
               and e["type"] == "phase_start" and e["phase"] == "upscale"]
-    assert starts[0] == (1, 0) and starts[1][0] == 2 and 24 <= starts[1][1] <= resumed[0], \
-        "attempt 2 starts from the frames it kept (or later, if the client looked later), as local says"
+    first = {attempt: done for attempt, done in reversed(starts)}  # a client may first look at any moment
+    assert all(isinstance(done, int) for _, done in starts), starts
+    assert 24 <= first[2] <= resumed[0], "attempt 2 starts from the frames it kept (or later), as local says"
     check_outputs(job, tmp_path)
     check_events(rec.events, ["seg-0001"])
     assert job.storage.list(job.tasks[0].key.removesuffix(".mp4") + ".partial/") == [], "its fragments are dropped"
