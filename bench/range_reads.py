@@ -50,7 +50,7 @@ def main() -> None:
         print(f"clip: {size} bytes, {plan.frames} frames; baseline: every container downloads the whole clip")
         served = []
         for seg in plan_segments([plan.frames], args.segment_frames):
-            source = stored_input(store, key)
+            source = stored_input(store, key, Path(tmp) / "cache")
             stored = dataclasses.replace(plan, info=dataclasses.replace(plan.info, path=source))
             got = list(read_frames(stored, seg.start, seg.count))
             served.append(proxy.take())

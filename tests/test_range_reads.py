@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +63,23 @@ def test_a_worker_reads_its_input_from_the_store_by_its_key(seaweed, tmp_path): 
     key = content_key(hash_file(clip), ".mp4")
     store.put_file(key, clip)
     plan = plan_clips([probe(clip)], [None], [None])[0]
-    assert [read_index(f) for f in read_frames(on(plan, stored_input(store, key)), 30, 12)] == list(range(30, 42))
+    source = stored_input(store, key, tmp_path / "cache")
+    assert isinstance(source, StoredClip)
+    assert [read_index(f) for f in read_frames(on(plan, source), 30, 12)] == list(range(30, 42))
+    assert not (tmp_path / "cache").exists()  # nothing downloaded
     with pytest.raises(StorageNotFoundError, match="not in the store"):
-        stored_input(store, content_key("0" * 64, ".mp4"))
+        stored_input(store, content_key("0" * 64, ".mp4"), tmp_path / "cache")
+
+
+def test_a_raw_stream_is_downloaded_whole_once(seaweed, tmp_path):  # noqa: F811
+    """No index, no timestamps: every segment is decoded from its start, so ranges would read it again and again."""
+    store = seaweed.storage()
+    clip = make_clip(tmp_path / "raw.h264", frames=36, fps=30, gop=6, audio=False)
+    key = content_key(hash_file(clip), ".h264")
+    store.put_file(key, clip)
+    first = stored_input(store, key, tmp_path / "cache")
+    assert isinstance(first, Path) and first.read_bytes() == clip.read_bytes()
+    mtime = first.stat().st_mtime_ns  # a second fetch would put a new file there
+    assert stored_input(store, key, tmp_path / "cache") == first and first.stat().st_mtime_ns == mtime
+    plan = plan_clips([probe(clip)], [None], [None])[0]
+    assert [read_index(f) for f in read_frames(on(plan, first), 24, 12)] == list(range(24, 36))

@@ -7,7 +7,9 @@ For each task it:
    segment is never redone, whoever finished it);
 2. opens the input clip in the store for reading in byte ranges
    (`storage.reader`): the decoder fetches the clip's index and its
-   segment's packets, not the whole clip;
+   segment's packets, not the whole clip (a raw stream or a crowded clip,
+   read from its start for every segment, is downloaded whole, once per
+   container);
 3. runs `worker.run_segment`, the very generator the local backend runs,
    with each whole fragment of the segment put in the store as it ends
    (`StoredFragments`), so that a restarted input continues after the last;
@@ -145,7 +147,7 @@ def container_id() -> str:
 
 
 def work_dir() -> Path:
-    """Scratch space for segments being written and their fragments."""
+    """Scratch space for segments being written, their fragments, and inputs downloaded whole."""
     root = os.environ.get(ENV_WORK_DIR) or os.path.join(tempfile.gettempdir(), "clipexport-remote")
     return Path(root)
 
@@ -163,18 +165,37 @@ def storage_for(url: str, endpoint_url: str | None) -> Storage:
         return store
 
 
-def stored_input(storage: Storage, key: str) -> StoredClip:
+#: Raw elementary streams: no index and no timestamps to seek by, so a segment is decoded from the clip's start.
+WHOLE_FILE_SUFFIXES = (".h264", ".264", ".h265", ".265", ".hevc")
+
+_fetch_locks: dict[str, threading.Lock] = {}
+_fetch_guard = threading.Lock()
+
+
+def stored_input(storage: Storage, key: str, cache: Path, *, from_start: bool = False) -> StoredClip | Path:
     """The input object `key`, for the decoder to read in byte ranges: only its segment's, not the whole clip.
 
-    Its key names its sha256 (content-addressed): the stored object must say the same.
+    A clip whose segments are all read from its start (`from_start`: a
+    crowded clip's frame times; a raw stream, by its suffix) is downloaded
+    whole instead, once per container, into `cache`. Its key names its
+    sha256 (content-addressed): the stored object must say the same.
     """
     info = storage.stat(key)
     if info is None:
         raise StorageNotFoundError(f"{storage.url}/{key}: the input is not in the store; run `resume` to upload it")
     match = _SHA_IN_KEY.search(key)
-    if match and info.sha256 and info.sha256 != match.group(1):
+    sha = match.group(1) if match else None
+    if sha and info.sha256 and info.sha256 != sha:
         raise StorageError(f"{storage.url}/{key}: stored sha256 {info.sha256} is not the one its key names")
-    return StoredClip(storage, key, info.size)
+    if not (from_start or key.lower().endswith(WHOLE_FILE_SUFFIXES)):
+        return StoredClip(storage, key, info.size)
+    path = cache / "inputs" / key.replace("/", "_")
+    with _fetch_guard:
+        lock = _fetch_locks.setdefault(str(path), threading.Lock())
+    with lock:
+        if not path.is_file():
+            storage.get_file(key, path, sha256=sha)
+    return path
 
 
 class StoredFragments(FragmentDir):
@@ -362,7 +383,7 @@ class _SegmentRun:
             raise BackendError(f"task for {self.part} has no input_key: the client did not upload its input",
                                resumable=False)
         self._publish(force=True)  # the call has started: the client's wait is over
-        source = stored_input(self.storage, task.input_key)
+        source = stored_input(self.storage, task.input_key, cache, from_start=task.clip.info.crowded)
         plan = dataclasses.replace(task.clip, info=dataclasses.replace(task.clip.info, path=source))
         runnable = dataclasses.replace(task, clip=plan, attempt=self.attempt)
         out = cache / "segments" / f"{task.job}-{self.part}-{self.attempt}{Path(task.key).suffix}"
@@ -371,7 +392,8 @@ class _SegmentRun:
         try:
             for event in run_segment(runnable, upscaler, out, fragments=fragments):
                 self._apply(event)
-            logger.info("%s: read %d of the input's %d bytes", self.part, source.fetched, source.size)
+            if isinstance(source, StoredClip):
+                logger.info("%s: read %d of the input's %d bytes", self.part, source.fetched, source.size)
             size = out.stat().st_size
             self.storage.put_file(task.key, out)
         finally:
