@@ -248,3 +248,13 @@ def test_a_steady_machine_shows_no_rate_change():
     shown = [r["remaining_s"] for r in replay_events(events, MODEL) if r["t"] - t0 >= 0.1 * (t_end - t0)]
     jumps = [(a, b) for a, b in zip(shown, shown[1:]) if b > 1.2 * a]
     assert not jumps
+
+
+def test_recent_work_weighs_more_when_the_machine_drifts():
+    """A slowdown of 20 %, too small to count as a change of speed: the rate leans to the recent frames."""
+    events = _local_job(slow=(40.0, 1.2))
+    t0, t_end = events[0]["t"], events[-1]["t"]
+    errors = sorted(abs(r["remaining_s"] - (t_end - r["t"])) / (t_end - r["t"]) for r in replay_events(events, MODEL)
+                    if r["t"] >= t0 + 60 and t_end - r["t"] >= 10)
+    # the whole job's average rate: median 8 %, worst 11 % short
+    assert errors and errors[len(errors) // 2] <= 0.065 and errors[-1] <= 0.095, errors

@@ -38,6 +38,8 @@ class Settings:
     change_min_frames: float = 4.0  # frames the work after a change needs to count
     change_min_samples: int = 4  # progress intervals each side of a change needs to count
     change_z: float = 3.0  # standard errors of the intervals' own noise a change must exceed
+    recent_share: float = 0.3  # half-life of a stretch's weight, as a share of the work's span (0: all equal)
+    recent_min_s: float = 10.0  # the shortest half-life
 
 
 @dataclass(frozen=True)

@@ -166,8 +166,8 @@ def _noise(stretches: list[Stretch]) -> float:
     return math.sqrt(sum((r - mean) ** 2 for r in rel) / (len(rel) - 1))
 
 
-def _since_change(m: Moment, stretches: list[Stretch]) -> tuple[float, float]:
-    """(frames, seconds) to measure the rate on: all the steady work, or only what followed a change of speed.
+def _since_change(m: Moment, stretches: list[Stretch]) -> int:
+    """Index of the first stretch to measure the rate on: 0 (all the steady work), or the first after a change of speed.
 
     A machine that slows down halfway (another process takes a core) or
     speeds up again: the split of the work, in time order, where the rate
@@ -180,9 +180,9 @@ def _since_change(m: Moment, stretches: list[Stretch]) -> tuple[float, float]:
     frames = sum(f for _, _, f in stretches)
     secs = sum(t for _, t, _ in stretches)
     if frames <= 0 or secs <= 0:
-        return frames, secs
+        return 0
     noise = _noise(stretches)
-    best, gain = (frames, secs), 0.0
+    best, gain = 0, 0.0
     fa = ta = 0.0
     for k in range(len(stretches) - 1, 0, -1):
         _, t, f = stretches[k]
@@ -198,7 +198,7 @@ def _since_change(m: Moment, stretches: list[Stretch]) -> tuple[float, float]:
             continue
         g = fa * math.log(fa / ta) + fb * math.log(fb / tb) - frames * math.log(frames / secs)
         if g > gain:
-            best, gain = (fa, ta), g
+            best, gain = k, g
     return best
 
 
@@ -223,8 +223,29 @@ def _frames_seen(m: Moment, up: PhaseState, firsts: set[str], grace: float, warm
     stretches.sort()
     if lost_done > 0:
         stretches.insert(0, (-math.inf, lost_time, lost_done))
-    done, time = _since_change(m, stretches) if stretches else (0.0, 0.0)
-    return done, time + stalled
+    if not stretches:
+        return 0.0, stalled
+    kept = stretches[_since_change(m, stretches):]
+    done, time = sum(f for _, _, f in kept), sum(t for _, t, _ in kept)
+    return _recent_weighted(m, kept, done, time), time + stalled
+
+
+def _recent_weighted(m: Moment, kept: list[Stretch], done: float, time: float) -> float:
+    """`done` rescaled so that done / time is the rate with recent stretches weighted more (a drifting machine).
+
+    Each stretch counts half as much per `recent_share` of the work's span it
+    lies in the past; the evidence (seconds) stays the plain sum.
+    """
+    share = m.settings.recent_share
+    first = next((t for t, _, _ in kept if math.isfinite(t)), None)
+    if share <= 0 or first is None or time <= 0:
+        return done
+    half = max(m.settings.recent_min_s, share * (m.now - first))
+    fw = tw = 0.0
+    for t_end, t, f in kept:
+        w = 0.5 ** ((m.now - t_end) / half) if math.isfinite(t_end) else 0.0
+        fw, tw = fw + w * f, tw + w * t
+    return time * fw / tw if tw > 0 and fw > 0 else done
 
 
 def frame_time(m: Moment, up: PhaseState, firsts: set[str]) -> FrameTime:
