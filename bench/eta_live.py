@@ -10,7 +10,7 @@ display showed at every event (the job's events replayed through the same
 baselines of `bench/eta_accuracy.py`: the seed's elapsed/progress over fixed
 phase weights ("fixed"), Rich's 30 s window and tqdm's EMA.
 
-Jobs (each 20-120 s on a shared 2-core CPU; `--quick` renders half the frames):
+Jobs (each 20-120 s on a quiet 2-core CPU, longer when it is shared; `--quick` renders half the frames):
   x2          one clip, x2
   2clips-x4   two clips, x4
   killed      one clip x2, SIGKILLed at ~40 % of its frames, then resumed
@@ -191,7 +191,7 @@ def score(job: Job, model: TimingModel) -> dict[str, object]:
 
 
 def _jobs(quick: bool) -> list[tuple[str, int, list[int], dict]]:
-    n = 72 if quick else 144
+    n = 480 if quick else 960  # at about 12 frames/s on a quiet CPU (fp32, 160x96): 40 s for x2
     return [
         ("x2", 2, [n], {}),
         ("2clips-x4", 4, [n // 3, n // 3], {}),

@@ -149,8 +149,7 @@ def _upscale_ends(m: Moment, up: PhaseState, ft: FrameTime, cursor: float, first
     """(upscale end of every segment, its frames): running ones, then pending ones on the next free container."""
     now, model, spf = m.now, m.model, ft.spf
     start_cursor = max(cursor, now)
-    overhead = model.constant("upscale", "overhead_s")
-    seg_gap = model.constant("upscale", "gap_s")
+    between = _between_segments(m, up, spf)
     warm_full = warm_excess(m, spf)
     pending, nseg = _segments_to_come(m, up)
     up_end, frames, busy = _running(m, up, spf, pending)
@@ -166,7 +165,7 @@ def _upscale_ends(m: Moment, up: PhaseState, ft: FrameTime, cursor: float, first
     for name, n in pending:
         t, hot = heapq.heappop(heap) if heap else (start_cursor, True)
         t = max(t, now)
-        end = t + seg_gap + overhead + n * spf + (0.0 if hot else warm_full)
+        end = t + between + n * spf + (0.0 if hot else warm_full)
         up_end[name] = end
         frames[name] = n
         heapq.heappush(heap, (end, True))
@@ -175,6 +174,26 @@ def _upscale_ends(m: Moment, up: PhaseState, ft: FrameTime, cursor: float, first
     if up_end and not up.ended:
         add_share(shares, "upscale", max(0.0, last_up - work_start))
     return up_end, frames
+
+
+def _between_segments(m: Moment, up: PhaseState, spf: float) -> float:
+    """Seconds a segment costs beyond its frames (the gap before it, its start-up and flush).
+
+    The model's constants, moved by this job's own segments: each one that
+    followed another on the same worker shows its cost, from the end of the
+    one before to its own end, less its frames at `spf` (a local CPU job
+    starts the next segment at once; a container pays a round trip).
+    """
+    prior = m.model.constant("upscale", "gap_s") + m.model.constant("upscale", "overhead_s")
+    ends: dict[str | None, list[tuple[float, float, float]]] = {}
+    for p in up.parts.values():
+        if p.ended and p.start_t is not None and p.attempt <= 1 and p.done > 0:
+            ends.setdefault(p.worker, []).append((p.start_t, p.end_t, p.done))  # type: ignore[arg-type]
+    seen = []
+    for runs in ends.values():
+        runs.sort()
+        seen += [max(0.0, b[1] - a[1] - b[2] * spf) for a, b in zip(runs, runs[1:]) if b[0] >= a[1] - 1e-6]
+    return (sum(seen) + prior) / (len(seen) + 1)
 
 
 def _encode_ends(m: Moment, enc: PhaseState | None, up_end: dict[str, float]
