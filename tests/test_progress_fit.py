@@ -207,3 +207,13 @@ def test_the_output_size_follows_how_busy_the_input_is(tmp_path):
         assert sd < 0.2
     mu, _ = fitted.bytes_per_frame({k: v for k, v in plain.items() if k != "frames"})  # input size unknown
     assert math.exp(mu) == pytest.approx(40_000.0 * 2.0 ** 0.75, rel=0.25)  # the mean of all jobs
+
+
+def test_the_builtin_cpu_prior_goes_with_the_cores_a_job_gets():
+    """Measured with 2 threads on real renders: 8 cores predict a quarter of the time, a GPU is unaffected."""
+    model = TimingModel.default()
+    f = {"gpu": "cpu", "model": "realesr-animevideov3", "scale": 2, "in_width": 160, "in_height": 90}
+    two, eight, unknown = (model.spf({**f, "threads": n})[0] for n in (2, 8, None))
+    assert eight == pytest.approx(two - math.log(4)) and unknown == two
+    gpu = {**f, "gpu": "L4"}
+    assert model.spf({**gpu, "threads": 8}) == model.spf(gpu)

@@ -191,7 +191,14 @@ class TimingModel:
 
     @classmethod
     def default(cls) -> TimingModel:
-        """The built-in model, fitted on the reference traces."""
+        """The built-in model, fitted on the reference traces.
+
+        Except the CPU's speed: the traces' CPU jobs are simulated, and 2.4x
+        slower than real renders. `upscale.gpu.cpu`, the two
+        `cpu|realesr-animevideov3` cells and `cpu_threads` (2) were set from
+        real renders on a 2-core machine (the sample clip at x2; 48 frames
+        of 320x180 at x4 from `bench/upscale_fps.py`); keep them when refitting.
+        """
         text = resources.files("clipexport.progress").joinpath("default_model.json").read_text(encoding="utf-8")
         return cls(json.loads(text))
 
@@ -328,7 +335,7 @@ class TimingModel:
         if gpu not in gpus and isinstance(fallback, dict) and gpu in (fallback.get("gpu") or {}):
             return TimingModel({"upscale": fallback}).spf(features)
         if gpu in gpus:
-            mu += float(gpus[gpu])
+            mu += float(gpus[gpu]) + _cpu_threads_term(sec, gpu, features)
         else:
             known = False
             mu += float(sec.get("generic_gpu", 0.0))
@@ -363,6 +370,18 @@ class TimingModel:
 
     def constant(self, section: str, name: str) -> float:
         return float(self.section(section)[name])
+
+
+def _cpu_threads_term(sec: Mapping[str, Any], gpu: str, features: Mapping[str, Any]) -> float:
+    """log(threads the CPU term was measured with / this job's threads): convolutions scale with cores.
+
+    The built-in CPU term was measured on real renders with `cpu_threads`
+    cores; a 16-core machine would otherwise be predicted 8x too slow. A
+    model fitted from the user's own jobs has no `cpu_threads`: its term is
+    already this machine's.
+    """
+    ref, threads = _positive(sec.get("cpu_threads")), _positive(features.get("threads"))
+    return math.log(ref / threads) if gpu == "cpu" and ref and threads else 0.0
 
 
 def probe_key(device: Any, model: Any, scale: Any, precision: Any) -> str:

@@ -52,6 +52,7 @@ from clipexport.options import env_value
 from clipexport.stopping import deferred
 from clipexport.upscale import precision as _precision
 from clipexport.upscale.archs import SRVGGNetCompact, build, input_multiple
+from clipexport.upscale.cpu import usable_cpus
 from clipexport.upscale.registry import ModelSpec, get_spec
 from clipexport.upscale.weights import load_weights
 
@@ -63,21 +64,6 @@ MEMORY_FRACTION = 0.5  # of free memory one forward pass may use
 _CL = torch.channels_last
 
 _threads_set = False
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: affinity, then any cgroup v2 quota."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def _configure_cpu_threads() -> None:
