@@ -12,7 +12,7 @@ import pytest
 
 from clipexport.progress import TimingModel, fit_logs, load_model, replay_traces
 from clipexport.progress import model as model_mod
-from clipexport.progress.model import Dist
+from clipexport.progress.model import Dist, probe_seconds
 
 from .test_progress_synth import JobSpec, write_log
 
@@ -217,3 +217,16 @@ def test_the_builtin_cpu_prior_goes_with_the_cores_a_job_gets():
     assert eight == pytest.approx(two - math.log(4)) and unknown == two
     gpu = {**f, "gpu": "L4"}
     assert model.spf({**gpu, "threads": 8}) == model.spf(gpu)
+
+
+def test_the_builtin_cpu_load_is_the_weights_then_the_probe_at_the_jobs_frame_size():
+    """On a CPU the load phase is mostly the speed probe, so it goes with the frame size; a GPU keeps its prior."""
+    model = TimingModel.default()
+    f = {"backend": "local", "gpu": "cpu", "model": "realesr-animevideov3", "scale": 2, "threads": 2}
+    small, big = (model.load_time({**f, "in_width": w, "in_height": h}) for w, h in ((160, 90), (854, 480)))
+    spf_small, spf_big = (math.exp(model.spf({**f, "in_width": w, "in_height": h})[0]) for w, h in ((160, 90), (854, 480)))
+    assert small.mean() - probe_seconds(spf_small) == pytest.approx(big.mean() - probe_seconds(spf_big))
+    assert small.mean() < 1.0 < big.mean()
+    assert probe_seconds(0.05) == pytest.approx(0.05 * 4) and probe_seconds(2.0) == pytest.approx(2.0 * 2)
+    gpu = {**f, "gpu": "L4", "in_width": 160, "in_height": 90}
+    assert model.load_time(gpu).mean() == model.load_time({**gpu, "in_width": 854, "in_height": 480}).mean()

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
-MAX_RUNS = 3
-BUDGET_S = 1.0  # stop timing once this much was spent (a slow CPU gets fewer runs)
+from clipexport.progress.model import PROBE_BUDGET_S, PROBE_RUNS
+
+# The ETA predicts the probe's own time from these (progress.model.probe_seconds).
+MAX_RUNS, BUDGET_S = PROBE_RUNS, PROBE_BUDGET_S  # stop timing once this much was spent (a slow CPU: fewer runs)
 
 
 def probe_speed(
