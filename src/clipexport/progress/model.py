@@ -195,9 +195,11 @@ class TimingModel:
 
         Except the CPU's speed: the traces' CPU jobs are simulated, and 2.4x
         slower than real renders. `upscale.gpu.cpu`, the two
-        `cpu|realesr-animevideov3` cells and `cpu_threads` (2) were set from
-        real renders on a 2-core machine (the sample clip at x2; 48 frames
-        of 320x180 at x4 from `bench/upscale_fps.py`); keep them when refitting.
+        `cpu|realesr-animevideov3` cells, `cpu_threads` (2) and
+        `load_model.local|cpu` (the weights' read, without the probe) were
+        set from real renders on a 2-core machine (the sample clip at x2; 48
+        frames of 320x180 at x4 from `bench/upscale_fps.py`); keep them when
+        refitting.
         """
         text = resources.files("clipexport.progress").joinpath("default_model.json").read_text(encoding="utf-8")
         return cls(json.loads(text))
