@@ -48,13 +48,12 @@ from clipexport.media import ClipInfo, ClipPlan, Crop, Segment, concat_and_mux, 
 from clipexport.overlay import touches
 from clipexport.remote import channel_prefix
 from clipexport.storage import ProgressChannel, Storage, hash_file
-from clipexport.validate import check_encoder, check_name_length, check_spec, hidden_name
+from clipexport.validate import OUTPUT_SUFFIXES, check_encoder, check_name_length, check_spec, hidden_name
 from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.cpu import usable_cpus
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, fragment_prefix, fragments_beside, scratch_path, segment_key
 
-OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
 logger = logging.getLogger(__name__)
 BackendFactory = Callable[[JobSpec, str], Backend]
 
@@ -312,7 +311,7 @@ class JobRunner:
         elapsed = round(time.monotonic() - started, 3)
         emit("phase_end", phase="upscale", unit="frames", done=frames, total=frames, elapsed=elapsed)
         emit("phase_end", phase="encode", unit="frames", done=frames, total=frames, elapsed=elapsed)
-        self.damage = damage_report(prepared, JobFacts(self.store, self.job))
+        self.damage = damage_report(prepared, self.facts)
         if self.damage is not None and self.spec.strict:
             raise DamagedInput(self.damage.replace("they were repeated from the previous frame",
                                                    "--strict makes that fatal"))
@@ -432,7 +431,7 @@ class JobRunner:
         for out, clip in zip(outs, clips):
             segments = [s for s in prepared.segments if clip is None or s.clip == clip]
             plans = prepared.plans if clip is None else [prepared.plans[clip]]
-            tmp = _partial(out, self.job)
+            tmp = hidden_name(out, self.job)
             with write_failures(out, "the output"):
                 concat_and_mux([self.segment_root / self._keys[s.name] for s in segments], plans, tmp)
                 self.facts.set_output_identity(file_identity(tmp), _each_name(self.spec, out))  # resume knows it
@@ -555,12 +554,8 @@ def _each_name(spec: JobSpec, out: Path) -> str | None:
 
 def partial_outputs(spec: JobSpec, job_id: str) -> list[Path]:
     """The temporary names of every file the job writes."""
-    return [_partial(out, job_id) for out in output_paths(spec)]
+    return [hidden_name(out, job_id) for out in output_paths(spec)]
 
-
-def _partial(out: Path, job_id: str) -> Path:
-    """The temporary name `out` is written under before its rename."""
-    return hidden_name(out, job_id)
 
 
 def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool = False,

@@ -17,7 +17,7 @@ from typing import Any
 
 from clipexport.backends.base import EmitFn
 from clipexport.backends.probe import probe_speed
-from clipexport.errors import BackendError, ClipexportError, Interrupted
+from clipexport.errors import BackendError, Interrupted
 from clipexport.stopping import deferred
 from clipexport.storage import Storage
 from clipexport.worker import FrameUpscaler, SegmentTask, fragments_beside, run_segment, scratch_path
@@ -131,8 +131,6 @@ def model_errors(segment: str | None = None) -> Iterator[None]:
     where = segment or "loading the model"
     try:
         yield
-    except (ClipexportError, KeyboardInterrupt):
-        raise
     except (MemoryError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":

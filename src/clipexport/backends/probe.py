@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
+# The ETA predicts the probe's own time from the same bounds (progress.model.probe_seconds).
 from clipexport.progress.model import PROBE_BUDGET_S, PROBE_RUNS
 
-# The ETA predicts the probe's own time from these (progress.model.probe_seconds).
-MAX_RUNS, BUDGET_S = PROBE_RUNS, PROBE_BUDGET_S  # stop timing once this much was spent (a slow CPU: fewer runs)
 
 
 def probe_speed(
@@ -39,12 +38,12 @@ def probe_speed(
     frame = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
     upscaler.upscale(frame)
     best, spent = float("inf"), 0.0
-    for _ in range(MAX_RUNS):
+    for _ in range(PROBE_RUNS):
         start = clock()
         upscaler.upscale(frame)
         took = clock() - start
         best, spent = min(best, took), spent + took
-        if spent >= BUDGET_S:
+        if spent >= PROBE_BUDGET_S:  # a slow CPU gets fewer runs
             break
     # The plan's name for it (fp32, bf16, fp16), so a kept probe matches the next plan's features.
     precision = getattr(upscaler, "precision", None) or str(getattr(upscaler, "dtype", "")).removeprefix("torch.")

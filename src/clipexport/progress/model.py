@@ -316,8 +316,12 @@ class TimingModel:
         160x90 clip on 2 cores, seconds at 480p. A model fitted from the
         user's own jobs has no `local|cpu` entry: its load times are real.
         """
-        shift = probe_seconds(math.exp(self.spf(features)[0]))
-        return self._dist("load", "local|cpu", f"{shift:.4f}", quantiles=[q + shift for q in base])
+        key = ("load", "local|cpu", *(str(features.get(k)) for k in _PROBE_FEATURES))
+        dist = self._dists.get(key)  # asked on every snapshot: the shift is fixed for a job
+        if dist is None:
+            shift = probe_seconds(math.exp(self.spf(features)[0]))
+            dist = self._dists[key] = Dist([q + shift for q in base])
+        return dist
 
     def finalize_time(self, features: Mapping[str, Any], out_bytes: float | None) -> float:
         sec = self.section("finalize")
@@ -386,6 +390,8 @@ class TimingModel:
         return float(self.section(section)[name])
 
 
+# What the probe's time (through `spf`) depends on: a job's features that are fixed for it.
+_PROBE_FEATURES = ("gpu", "model", "scale", "precision", "in_width", "in_height", "threads")
 PROBE_RUNS, PROBE_BUDGET_S = 3, 1.0  # the speed probe (backends/probe.py): timed runs, at most this many or seconds
 
 
