@@ -203,8 +203,8 @@ VIEW_AT = {
         "overall    ━━━━━━━━━━━━━━━━━                         43% 0:01:35 elapsed    About 1 hour 10 minutes remaining",
     ],
     80: [
-        "a.mp4 + b.mp4 → out.mp4 · 1280x720 → 5120x2880 · realesr-animevideov3 · L4",
-        "fp16 · modal",
+        "a.mp4 + b.mp4 → out.mp4 · 1280x720 → 5120x2880",
+        "realesr-animevideov3 · L4 · fp16 · modal",
         "upload skipped: already in the store · 2 of 6 segments already rendered",
         "prepare    100% 48.2/48.2 MB",
         "upload     100% 48.2/48.2 MB",
@@ -255,8 +255,8 @@ def test_view_of_a_finished_job_ends_with_its_summary():
         "━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 100%",
         "0:00:24 elapsed · Done",
         "output /exports/out.mp4",
-        "1.2 MB · 640x480 · 8.3 s of video · took 0:00:24",
-        "8.3 frames/s (0.34x real time)",
+        "1.2 MB · 640x480 · 8.3 s of video",
+        "took 0:00:24 · 8.3 frames/s (0.34x real time)",
     ]
 
 

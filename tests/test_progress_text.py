@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from clipexport.progress.text import EtaWords, amount, clock, eta_text, rate_text
+from clipexport.progress.text import EtaWords, amount, clock, eta_text, fold, pack, rate_text
 
 
 @pytest.mark.parametrize(
@@ -82,3 +82,27 @@ def test_amount(done, total, unit, text):
 )
 def test_rate_text(rate, unit, text):
     assert rate_text(rate, unit) == text
+
+
+HEADER = ["sample.mp4 → out.mp4", "160x90 → 320x180", "realesr-animevideov3", "cpu", "fp32", "local"]
+
+
+@pytest.mark.parametrize(("width", "lines"), [
+    (120, ["sample.mp4 → out.mp4 · 160x90 → 320x180 · realesr-animevideov3 · cpu · fp32 · local"]),
+    # greedy packing would leave "local" alone on the second line
+    (80, ["sample.mp4 → out.mp4 · 160x90 → 320x180", "realesr-animevideov3 · cpu · fp32 · local"]),
+    (30, ["sample.mp4 → out.mp4", "160x90 → 320x180", "realesr-animevideov3", "cpu · fp32 · local"]),
+])
+def test_pack_uses_the_fewest_lines_and_evens_them(width, lines):
+    assert pack(HEADER, width) == lines
+
+
+def test_pack_gives_a_part_wider_than_the_line_its_own_line():
+    assert pack(["x" * 70, "y", "z"], 60) == ["x" * 70, "y · z"]
+
+
+def test_fold_breaks_between_words_and_keeps_a_quoted_command_whole():
+    note = "clipexport: job cx-6e29b3 started (resume with `clipexport resume cx-6e29b3`)"
+    assert fold(note, 60) == ["clipexport: job cx-6e29b3 started (resume with",
+                              "`clipexport resume cx-6e29b3`)"]
+    assert fold(note, 120) == [note]

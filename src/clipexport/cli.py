@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -150,8 +151,16 @@ def _chatty(quiet: bool, verbose: bool) -> None:
 
 
 def _note(message: str) -> None:
-    """A line that is not an error: left out with --quiet."""
-    if not _QUIET:
+    """A line that is not an error: left out with --quiet. On a terminal it is
+    broken between words to the terminal's width (errors stay one line, for logs)."""
+    if _QUIET:
+        return
+    if sys.stderr.isatty():
+        from clipexport.progress.text import fold
+
+        message = "\n".join(fold(f"clipexport: {message}", shutil.get_terminal_size().columns))
+        _print(message, sys.stderr)
+    else:
         _say(message)
 
 

@@ -9,6 +9,8 @@ make the text flip back and forth.
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -246,8 +248,20 @@ def skip_notes(rows: Iterable[PhaseRow], info: JobInfo) -> list[str]:
 
 
 def pack(parts: list[str], width: int, sep: str = " · ") -> list[str]:
-    """Join `parts` into lines of at most `width`, breaking only between parts
+    """Join `parts` into as few lines of at most `width` as fit, breaking only
+    between parts, with the lines as even as that allows: a header that needs
+    two lines splits in the middle rather than leaving one word on the second
     (a part longer than `width` gets a line of its own)."""
+    lines = _greedy(parts, width, sep)
+    narrowest = max((len(part) for part in parts), default=0)
+    for room in range(narrowest, width):
+        even = _greedy(parts, room, sep)
+        if len(even) == len(lines):
+            return even
+    return lines
+
+
+def _greedy(parts: list[str], width: int, sep: str) -> list[str]:
     lines: list[str] = []
     for part in parts:
         if lines and len(lines[-1]) + len(sep) + len(part) <= width:
@@ -255,3 +269,11 @@ def pack(parts: list[str], width: int, sep: str = " · ") -> list[str]:
         else:
             lines.append(part)
     return lines
+
+
+def fold(text: str, width: int) -> list[str]:
+    """`text` broken between words into lines of at most `width` (a terminal
+    would cut mid-word). A `quoted command` stays whole so it can be copied."""
+    keep = re.sub(r"`[^`]*`", lambda m: m.group(0).replace(" ", "\xa0"), text)
+    lines = textwrap.wrap(keep, width, break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\xa0", " ") for line in lines] or [""]
