@@ -152,6 +152,60 @@ def test_resume_rates_elapsed_and_eta_exclude_the_dead_time():
     assert snap.fraction > 0.3
 
 
+class _Segments:
+    """Events of 24-frame segments rendered one after another on the local worker, 0.1 s a frame."""
+
+    def __init__(self) -> None:
+        self.seq = 1000
+        self.events: list[dict] = []
+
+    def add(self, kind: str, t: float, **fields) -> None:
+        self.seq += 1
+        self.events.append({"type": kind, "t": t, "seq": self.seq, **fields})
+
+    def run(self, name: str, t: float, upto: int = 24, end: bool = True) -> float:
+        common = {"phase": "upscale", "part": name, "unit": "frames", "total": 24, "attempt": 1}
+        self.add("phase_start", t, **common, done=0)
+        for done in range(3, upto + 1, 3):
+            self.add("progress", t + 0.1 * done, **common, done=done)
+        if end:
+            self.add("phase_end", t + 0.1 * upto, **common, done=upto)
+        return t + 0.1 * upto
+
+    def served(self, name: str, t: float) -> None:
+        self.add("progress", t, phase="upscale", part=name, unit="frames", done=24, total=24, attempt=1,
+                 skipped=True)
+
+
+def test_a_resume_that_finds_a_killed_segment_whole_runs_the_rest_on_one_worker():
+    """Killed just after seg-0004's last frame (before its phase_end): the resume serves seg-0001..4
+    from the store (`skipped`) and renders seg-0005..10. seg-0004 is done, not running on a
+    second worker (that halved the estimate), not redone, and its frames still count as rate."""
+    plan = _plan(frames=240)
+    plan["features"].update(segments=10, segment_frames=24)
+    job = _Segments()
+    job.add("phase_start", 0.1, phase="upscale", unit="frames", total=240)
+    t = 0.2
+    for name in ("seg-0001", "seg-0002", "seg-0003"):
+        t = job.run(name, t)
+    t = job.run("seg-0004", t, end=False)
+    resumed_at = t + 3600.0
+    job.add("phase_start", resumed_at, phase="upscale", unit="frames", total=240)
+    for name in ("seg-0001", "seg-0002", "seg-0003", "seg-0004"):
+        job.served(name, resumed_at + 0.01)
+    job.run("seg-0005", resumed_at + 0.1, upto=12, end=False)
+    tracker = Tracker(MODEL)
+    for e in [plan, *job.events]:
+        tracker.feed(e)
+    now = job.events[-1]["t"]
+    snap = tracker.snapshot(now)
+    left = (6 * 24 - 12) * 0.1  # 132 frames at 0.1 s
+    assert snap.remaining_s == pytest.approx(left, rel=0.2)
+    row = next(r for r in snap.phases if r.phase == "upscale")
+    assert "redoing" not in (row.detail or "")
+    assert row.skipped == 4
+
+
 def test_the_model_lives_under_the_data_dir_and_follows_clipexport_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPEXPORT_HOME", str(tmp_path / "home-a"))
     assert user_model_path() == tmp_path / "home-a" / "data" / "timing-model.json"
@@ -273,3 +327,17 @@ def test_segments_that_follow_each_other_at_once_cost_only_their_frames():
                     if r["t"] >= t0 + 0.3 * (t_end - t0) and t_end - r["t"] >= 10)
     # with the model's 0.4 s a segment (a container's round trip): 11 % too long at the median
     assert errors and errors[len(errors) // 2] <= 0.05, errors[len(errors) // 2]
+
+
+def test_an_upload_served_from_the_store_is_no_evidence_of_the_uplink():
+    """48 MB 'uploaded' in 10 ms because the object was already stored: no 4.8 GB/s uplink (the download's prior)."""
+    from clipexport.progress.moment import Moment
+    from clipexport.progress.rates import stream_rate
+
+    common = {"phase": "upload", "part": "clip-01", "unit": "bytes", "total": 48e6, "skipped": True}
+    st = _state(_plan(), {"type": "phase_start", "t": 1.0, **common},
+                {"type": "progress", "t": 1.005, "done": 48e6, **common},
+                {"type": "phase_end", "t": 1.01, "done": 48e6, **common})
+    estimator = Estimator(MODEL)
+    assert stream_rate(Moment(estimator.settings, MODEL, st, 2.0), st.phases["upload"]) is None
+    assert st.phases["upload"].parts["clip-01"].served

@@ -123,6 +123,7 @@ def _running(m: Moment, up: PhaseState, spf: float, pending: list[tuple[str, flo
     up_end: dict[str, float] = {}
     frames: dict[str, float] = {}
     anon = 0
+    local = "queue" not in m.st.phases  # one worker: whatever runs, runs there
     for key, p in up.parts.items():
         n = p.total if p.total is not None else (pending[0][1] if pending else 1.0)
         frames[key] = n
@@ -138,7 +139,7 @@ def _running(m: Moment, up: PhaseState, spf: float, pending: list[tuple[str, flo
         else:
             end = stream_end(m, left + warm / spf, 1.0 / spf, p.start_t + overhead, grace + overhead)
         up_end[key] = end
-        worker = p.worker or f"#anon{anon}"
+        worker = p.worker or ("#local" if local else f"#anon{anon}")
         anon += 1
         busy[worker] = max(busy.get(worker, now), end)
     return up_end, frames, busy
@@ -187,7 +188,7 @@ def _between_segments(m: Moment, up: PhaseState, spf: float) -> float:
     prior = m.model.constant("upscale", "gap_s") + m.model.constant("upscale", "overhead_s")
     ends: dict[str | None, list[tuple[float, float, float]]] = {}
     for p in up.parts.values():
-        if p.ended and p.start_t is not None and p.attempt <= 1 and p.done > 0:
+        if p.ended and p.start_t is not None and p.attempt <= 1 and p.done > 0 and not p.served:
             ends.setdefault(p.worker, []).append((p.start_t, p.end_t, p.done))  # type: ignore[arg-type]
     seen = []
     for runs in ends.values():

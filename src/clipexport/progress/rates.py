@@ -62,10 +62,11 @@ def stream_evidence(m: Moment, ph: PhaseState) -> tuple[float, float, float | No
     last: float | None = None
     parts = list(ph.parts.values()) or [ph.whole]
     for p in parts:
-        done += p.done + p.lost_done
+        done += p.lost_done
         time += p.lost_time
-        if p.start_t is None:
-            continue
+        if p.start_t is None or p.served:
+            continue  # not started, or served from earlier work: no time spent on it here
+        done += p.done
         if p.ended:
             time += max(0.0, p.end_t - p.start_t)  # type: ignore[operator]
             last = p.end_t if last is None else max(last, p.end_t)  # type: ignore[type-var]
@@ -214,8 +215,8 @@ def _frames_seen(m: Moment, up: PhaseState, firsts: set[str], grace: float, warm
         if p.lost_done > 0:
             lost_done += p.lost_done
             lost_time += max(0.0, p.lost_time - overhead)
-        if p.start_t is None:
-            continue
+        if p.start_t is None or p.served:
+            continue  # not started, or a segment served from earlier work: no rate in it
         stretches += _part_stretches(m, p, key in firsts, warm_prior)
         if not p.ended:
             last = p.last_t if p.last_t is not None else p.start_t

@@ -15,11 +15,12 @@ def first_on_worker(up: PhaseState) -> set[str]:
     """Keys of the parts that are the first their worker ran: they carry the warm-up.
 
     A part without a worker ran on the one local worker; a restart
-    (attempt > 1) runs on a container of its own.
+    (attempt > 1) runs on a container of its own; a part served from
+    earlier work (`served`) ran nowhere here.
     """
     first: dict[str | None, tuple[float, str]] = {}
     for key, p in up.parts.items():
-        if p.start_t is None:
+        if p.start_t is None or p.served:
             continue
         worker = f"{p.worker}#{key}" if p.attempt > 1 else p.worker
         if worker not in first or p.start_t < first[worker][0]:

@@ -83,6 +83,9 @@ class PartState(_Span):
     lost_time: float = 0.0  # time those attempts ran
     out_bytes: float | None = None  # size of what the part produced (encode's `bytes`)
     skipped: bool = False  # served from earlier work (`skipped: true`): a cached segment, an upload already stored
+    # ... and none of that work was seen here (not a segment this job's events showed ending before a
+    # resume): no time was spent on it, so it is no evidence of any rate
+    served: bool = False
 
     @property
     def cadence(self) -> float | None:
@@ -108,7 +111,13 @@ class PartState(_Span):
         self.updates = 0
         self.seq = -math.inf
         self.detail = None
-        self.skipped = False
+        self.skipped = self.served = False
+
+    def mark_skipped(self) -> None:
+        """Served from earlier work; evidence of nothing unless this job's events showed it ending before."""
+        self.skipped = True
+        if self.end_t is None:
+            self.served = True
 
     def halt(self, t: float) -> None:
         """The client died while this ran: its work so far counts as lost, to be redone."""
@@ -398,6 +407,7 @@ class JobState:
         ph.mark_started(t)
         key = event.get("part")
         part = ph.part(key if isinstance(key, str) else None)
+        halted = part.start_t is None and part.lost_done > 0
         if not part._attempt_of(event, t):
             return
         if part.start_t is None:
@@ -407,7 +417,7 @@ class JobState:
             return
         done = _num(event.get("done"))
         if event.get("skipped") is True:
-            part.skipped = True
+            self._served(ph, part, done, total, t, halted=halted)
         if done is not None:
             part.done = max(0.0, done)
             part.seq = sq
@@ -424,6 +434,22 @@ class JobState:
             part.total = total
             if part is ph.whole:
                 ph.total = total
+
+    @staticmethod
+    def _served(ph: PhaseState, part: PartState, done: float | None, total: float | None, t: float,
+                *, halted: bool) -> None:
+        """A part served from earlier work (`skipped: true`, no phase_end follows): complete once its
+        count reaches its total, so nothing counts it as running. Work a resume had halted was
+        left whole after all: not redone, and still the evidence of a rate it was (`lost_*`)."""
+        part.mark_skipped()
+        if done is None:
+            return
+        if halted:
+            ph.redo = max(0.0, ph.redo - done)
+            ph.base_done += done
+        whole = total if total is not None else part.total
+        if part is not ph.whole and part.end_t is None and whole is not None and done >= whole:
+            part.end_t = t
 
     def _heartbeat(self, ph: PhaseState, event: Event, t: float) -> None:
         ph.mark_started(t)
@@ -461,6 +487,8 @@ class JobState:
         if not part._attempt_of(event, t):
             return
         ph.mark_started(t)
+        if event.get("skipped") is True:
+            part.mark_skipped()
         if part.start_t is None:
             elapsed = _num(event.get("elapsed"))
             part.start_t = t - elapsed if elapsed is not None else t
@@ -476,8 +504,6 @@ class JobState:
         detail = event.get("detail")
         if isinstance(detail, str):
             part.detail = detail
-        if event.get("skipped") is True:
-            part.skipped = True
         out_bytes = _num(event.get("bytes"))
         if out_bytes is not None:
             part.out_bytes = out_bytes
