@@ -14,7 +14,11 @@ Jobs (each 20-120 s on a quiet 2-core CPU, longer when it is shared; `--quick` r
   x2          one clip, x2
   2clips-x4   two clips, x4
   killed      one clip x2, SIGKILLed at ~40 % of its frames, then resumed
-  busy        one clip x2; halfway through, a second process takes one core
+  busy        one clip x2 while a second process holds one core from the start
+              (an editor's busy machine: the speed probe sees it)
+  slowed      one clip x2; halfway through, a second process takes one core.
+              No estimator can know it before it happens: besides the whole
+              job, its row gives the share within 20 % after the slowdown
 
 Truth for the killed job counts no dead time: its events after the resume
 are scored against the time left in the resumed run, those before it
@@ -69,6 +73,7 @@ class Job:
     name: str
     events: list[dict]
     gap: tuple[float, float] | None = None  # (last event before the kill, first after the resume)
+    slowed_t: float | None = None  # when a second process took a core, part way through
 
     def shift(self, t: float) -> float:
         """`t` on a clock that skips the dead gap."""
@@ -105,46 +110,60 @@ def _read_events(proc: subprocess.Popen, on_event=None) -> list[dict]:
 
 def _render(work: Path, name: str, clips: list[Path], scale: int, cache: Path,
             kill_at: float | None = None, busy_at: float | None = None) -> Job:
+    """One job; `busy_at` 0 starts the hog before the render, a share of the frames starts it then."""
     home = work / f"home-{name}"
     shutil.rmtree(home, ignore_errors=True)
     env = _env(home, cache)
     out = work / f"{name}.mp4"
     out.unlink(missing_ok=True)
+    hog: list[subprocess.Popen] = []
+    try:
+        if busy_at == 0:
+            hog.append(_hog())
+            time.sleep(1.0)  # it holds its core before the render starts
+        return _run(name, clips, out, scale, env, hog, kill_at, busy_at)
+    finally:
+        for h in hog:
+            h.kill()
+            h.wait()
+
+
+def _hog() -> subprocess.Popen:
+    """A second process that keeps one core busy."""
+    return subprocess.Popen([PY, "-c", "while True: pass"])
+
+
+def _run(name: str, clips: list[Path], out: Path, scale: int, env: dict[str, str], hog: list[subprocess.Popen],
+         kill_at: float | None, busy_at: float | None) -> Job:
     args = _cmd("render", *map(str, clips), "-o", str(out), "--scale", str(scale), "--segment-frames", "24",
                 "--device", "cpu", "--json")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    frames = {"total": None, "done": {}}
-    hog: subprocess.Popen | None = None
+    frames: dict = {"total": None, "done": {}, "hog_t": None}
 
     def watch(event: dict) -> bool:
-        nonlocal hog
         if event["type"] == "plan":
             frames["total"] = event["features"]["frames"]
         if event.get("phase") == "upscale" and "part" in event and "done" in event:
             frames["done"][event["part"]] = event["done"]
         share = sum(frames["done"].values()) / (frames["total"] or 1)
-        if busy_at is not None and hog is None and share >= busy_at:
-            hog = subprocess.Popen([PY, "-c", "while True: pass"])
+        if busy_at is not None and not hog and share >= busy_at:
+            hog.append(_hog())
+            frames["hog_t"] = event["t"]
         return kill_at is not None and share >= kill_at
 
-    try:
-        events = _read_events(proc, watch)
-        if kill_at is None:
-            proc.wait()
-            return Job(name, events)
-        os.kill(proc.pid, signal.SIGKILL)
+    events = _read_events(proc, watch)
+    if kill_at is None:
         proc.wait()
-        time.sleep(2.0)  # the job lies dead a while
-        job_id = events[0]["job"]
-        proc = subprocess.Popen(_cmd("resume", job_id, "--json"), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)
-        more = _read_events(proc)
-        proc.wait()
-        return Job(name, events + more, (events[-1]["t"], more[0]["t"]))
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
+        return Job(name, events, slowed_t=frames["hog_t"])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2.0)  # the job lies dead a while
+    job_id = events[0]["job"]
+    proc = subprocess.Popen(_cmd("resume", job_id, "--json"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    more = _read_events(proc)
+    proc.wait()
+    return Job(name, events + more, (events[-1]["t"], more[0]["t"]))
 
 
 def _baseline_rows(job: Job, t0: float) -> dict[str, list]:
@@ -175,8 +194,13 @@ def score(job: Job, model: TimingModel) -> dict[str, object]:
     for name, r in rows.items():
         s = Score()
         s.add_trace(r, t0, t_end)
+        after = None
+        if job.slowed_t is not None:
+            late = Score()
+            late.add_trace([row for row in r if row[0] >= job.slowed_t], t0, t_end)
+            after = late.within / max(late.samples, 1)
         result[name] = (s.trace_mdape[0] if s.trace_mdape else float("nan"), s.within / max(s.samples, 1),
-                        s.jumps[0], s.decreases)
+                        s.jumps[0], s.decreases, after)
     result["upfront_plan"] = (estimate_plan(plan, model)["total_s"] - total) / total
     first = next(iter(replay_events(job.events[:1], model, job.name)))
     result["range_plan"] = first.get("remaining_lo_s", math.inf) <= total <= first.get("remaining_hi_s", -math.inf)
@@ -196,7 +220,8 @@ def _jobs(quick: bool) -> list[tuple[str, int, list[int], dict]]:
         ("x2", 2, [n], {}),
         ("2clips-x4", 4, [n // 3, n // 3], {}),
         ("killed", 2, [n], {"kill_at": 0.4}),
-        ("busy", 2, [n], {"busy_at": 0.5}),
+        ("busy", 2, [n], {"busy_at": 0.0}),
+        ("slowed", 2, [n], {"busy_at": 0.5}),
     ]
 
 
@@ -227,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             job = _render(work, name, clips, scale, cache, **opts)
             (work / f"{name}.jsonl").write_text("".join(json.dumps(e) + "\n" for e in job.events))
             (work / f"{name}.gap.json").write_text(json.dumps(job.gap))
+            if job.slowed_t is not None:
+                (work / f"{name}.slowed.json").write_text(json.dumps(job.slowed_t))
             jobs.append(job)
     finally:
         if args.keep is None:
@@ -238,7 +265,9 @@ def _load_job(folder: Path, name: str) -> Job:
     events = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines() if line.strip()]
     gap_file = folder / f"{name}.gap.json"
     gap = json.loads(gap_file.read_text()) if gap_file.is_file() else None
-    return Job(name, events, None if gap is None else (gap[0], gap[1]))
+    slowed_file = folder / f"{name}.slowed.json"
+    slowed = json.loads(slowed_file.read_text()) if slowed_file.is_file() else None
+    return Job(name, events, None if gap is None else (gap[0], gap[1]), slowed)
 
 
 def _report(jobs: list[Job]) -> int:
@@ -251,7 +280,7 @@ def _report(jobs: list[Job]) -> int:
     for job in jobs:
         res = score(job, model)
         for est in ("clipexport", "fixed", "rich", "tqdm"):
-            mdape, within, jumps, decr = res[est]  # type: ignore[misc]
+            mdape, within, jumps, decr, after = res[est]  # type: ignore[misc]
             if mdape == mdape:  # a job too short to score has no median
                 medians.setdefault(est, []).append(mdape)
             up = ""
@@ -260,8 +289,9 @@ def _report(jobs: list[Job]) -> int:
                 inside = {True: " (in range)", False: " (out of range)"}
                 up = (f"{res['upfront_plan']:+.0%}{inside[res['range_plan']]} / "  # type: ignore[index]
                       + ("n/a" if probe is None else f"{probe:+.0%}{inside[res['range_probe']]}"))  # type: ignore[index]
+            late = "" if after is None else f"  (after the slowdown: {after:.0%} within 20 %)"
             print(f"{job.name:<10} {res['total_s']:>6.1f} {est:<10} {mdape:>7.1%} {within:>8.0%} {jumps:>5d} "
-                  f"{decr:>4d}  {up}", flush=True)
+                  f"{decr:>4d}  {up}{late}", flush=True)
     print("-" * len(header))
     ours = _median(medians.get("clipexport", []))
     for est, ms in medians.items():

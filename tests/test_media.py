@@ -375,6 +375,31 @@ def test_variable_frame_rate_keeps_every_frame(tmp_path: Path, suffix: str) -> N
     assert pieces == got  # segments read the same frames as one pass
 
 
+def test_a_crowded_clip_is_not_read_again_from_its_start_for_every_segment(tmp_path: Path, monkeypatch) -> None:
+    """Each segment of a crowded clip needs the frame times from the clip's start: kept, not read per segment."""
+    import importlib
+
+    probe_module = importlib.import_module("clipexport.media.probe")
+
+    times = [round(0.1 * i + (0.02 if i % 5 == 3 else 0.0), 3) for i in range(120)]  # a burst every 5 frames
+    info = probe(make_clip(tmp_path / "long.mp4", frame_times=times, audio=False))
+    assert info.crowded
+    plan = plan_clips([info], [None], [None])[0]
+    segments = [(start, min(10, plan.frames - start)) for start in range(0, plan.frames, 10)]
+    monkeypatch.setattr(probe_module, "_TIMES", {})
+    fresh = []
+    for start, count in segments:  # as before: every segment reads from the start to its end
+        probe_module._TIMES.clear()
+        fresh += indices(plan, start, count)
+    probe_module._TIMES.clear()
+    reads = []
+    read = probe_module._read_times
+    monkeypatch.setattr(probe_module, "_read_times", lambda *a: reads.append(a[2]) or read(*a))
+    kept = [i for start, count in segments for i in indices(plan, start, count)]
+    assert kept == fresh and sorted(set(kept)) == list(range(len(times)))  # the same frames, none lost
+    assert len(segments) >= 12 and len(reads) <= 5, reads  # each read goes twice as far as the one before
+
+
 def test_header_that_misstates_the_duration_is_measured(tmp_path: Path) -> None:
     """An .mp4 whose last frame lies past the duration its header gives (evenly spaced decode times)."""
     times = [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 1.2]

