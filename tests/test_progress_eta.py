@@ -9,6 +9,7 @@ calibration on the shared synthetic traces.
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -341,3 +342,39 @@ def test_an_upload_served_from_the_store_is_no_evidence_of_the_uplink():
     estimator = Estimator(MODEL)
     assert stream_rate(Moment(estimator.settings, MODEL, st, 2.0), st.phases["upload"]) is None
     assert st.phases["upload"].parts["clip-01"].served
+
+
+def _proc_stat(busy: int, idle: int) -> str:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    return f"cpu  {busy} 0 0 {idle} 0 0 0 0 7 0\ncpu0 ...\n"
+
+
+def test_busy_elsewhere_counts_the_cores_other_processes_keep_busy_while_this_one_sleeps():
+    from clipexport.upscale.cpu import busy_elsewhere
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    reads = iter([_proc_stat(1000, 5000), _proc_stat(1000 + ticks // 10, 5000 + ticks // 10)])
+    slept: list[float] = []
+    # over 0.1 s: a tenth of a second of busy ticks is one core, the other idle
+    assert busy_elsewhere(0.1, read=lambda: next(reads), sleep=slept.append) == pytest.approx(1.0)
+    assert slept == [0.1]
+
+    def missing() -> str:
+        raise FileNotFoundError("/proc/stat")
+
+    assert busy_elsewhere(0.1, read=missing, sleep=slept.append) is None  # not Linux: nothing said
+
+
+def test_a_busy_cpu_slows_the_prior_and_a_kept_probe_but_not_this_jobs_own_probe():
+    plan = _plan()
+    idle = dict(plan["features"], gpu="cpu", threads=2)
+    busy = dict(idle, cpu_busy=1.0)  # one of two cores taken: half the speed
+    assert math.exp(MODEL.spf(busy)[0] - MODEL.spf(idle)[0]) == pytest.approx(2.0)
+    kept = TimingModel({**MODEL.data, "probes": {"cpu|realesr-animevideov3@x2|fp32": 1e-6}})
+    idle_p, busy_p = dict(idle, precision="fp32"), dict(busy, precision="fp32")
+    assert kept.spf(idle_p) != MODEL.spf(idle_p)  # the kept probe is what answers
+    assert math.exp(kept.spf(busy_p)[0] - kept.spf(idle_p)[0]) == pytest.approx(2.0)
+    own = {"s_per_px": 1e-6}
+    assert kept.spf(busy_p, own) == kept.spf(idle_p, own)  # measured under today's load already
+    overloaded = dict(idle, cpu_busy=2.0)  # every core taken: still about a fair share, not a stop
+    assert math.exp(MODEL.spf(overloaded)[0] - MODEL.spf(idle)[0]) == pytest.approx(4.0)

@@ -50,7 +50,7 @@ from clipexport.remote import channel_prefix
 from clipexport.storage import ProgressChannel, Storage, hash_file
 from clipexport.validate import OUTPUT_SUFFIXES, check_encoder, check_name_length, check_spec, hidden_name
 from clipexport.transfers import SegmentDownloader, upload_inputs
-from clipexport.upscale.cpu import usable_cpus
+from clipexport.upscale.cpu import busy_elsewhere, usable_cpus
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, fragment_prefix, fragments_beside, scratch_path, segment_key
 
@@ -210,8 +210,11 @@ def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: st
         "out_height": height * spec.scale,
         "duration_s": round(frames / float(first.fps), 3),
     }
-    if device == "cpu":  # the model's speed there goes with the cores it gets
+    if device == "cpu":  # the model's speed there goes with the cores it gets, and what others leave of them
         features["threads"] = usable_cpus()
+        busy = busy_elsewhere()
+        if busy is not None:
+            features["cpu_busy"] = round(busy, 1)
     # inputs and output name the job for the display's header (extra fields: the contract allows them)
     return {"type": "plan", "phases": phases, "features": features,
             "inputs": list(spec.inputs), "output": spec.output}

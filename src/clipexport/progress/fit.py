@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..events import read_events
-from .model import FORMAT, GENERIC, VERSION, Dist, TimingModel, in_pixels, input_bytes_per_px, out_pixels, probe_key
+from .model import (FORMAT, GENERIC, VERSION, Dist, TimingModel, cpu_load_term, in_pixels, input_bytes_per_px,
+                    out_pixels, probe_key)
 from .segments import container_kind, first_on_worker, settle_point
 from .state import JobState
 
@@ -147,10 +148,11 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
         if st.terminal != "done" or not st.phases or st.reused:  # a job served from cache did not render
             continue
         s.jobs += 1
+        idle = math.exp(-cpu_load_term(st.features))  # what the job measured, as on an idle machine
         if st.probe is not None:
             pr = st.probe
             s.probes[probe_key(pr.get("device"), pr.get("model"), pr.get("scale"), pr.get("precision"))].append(
-                float(pr["s_per_px"]))
+                float(pr["s_per_px"]) * idle)
         prep = _prepare_rate(st)
         if prep is not None:
             s.prepare.append(prep)
@@ -161,8 +163,8 @@ def _collect(jobs: Iterable[JobState]) -> _Samples:
         if down is not None:
             s.download.append(down)
         segs = _segments(st)
-        if segs.spf is not None:
-            s.spf.append((st.features, math.log(segs.spf)))
+        if segs.spf is not None:  # the next plan puts its own load back on top (model.cpu_load_term)
+            s.spf.append(({k: v for k, v in st.features.items() if k != "cpu_busy"}, math.log(segs.spf * idle)))
         s.overhead += segs.overhead
         s.warmup += segs.warmup
         s.seg_gap += segs.gaps

@@ -353,7 +353,7 @@ class TimingModel:
         if gpu not in gpus and isinstance(fallback, dict) and gpu in (fallback.get("gpu") or {}):
             return TimingModel({"upscale": fallback}).spf(features)
         if gpu in gpus:
-            mu += float(gpus[gpu]) + _cpu_threads_term(sec, gpu, features)
+            mu += float(gpus[gpu]) + _cpu_threads_term(sec, gpu, features) + cpu_load_term(features)
         else:
             known = False
             mu += float(sec.get("generic_gpu", 0.0))
@@ -368,11 +368,12 @@ class TimingModel:
         """(log spf, sd) from a probe's seconds per pixel, times the pipeline's share beyond the model."""
         sec = self.section("upscale")
         s_per_px = _positive(probe.get("s_per_px")) if probe else None
+        load = 0.0  # this job's probe ran under today's load already; a kept one did not
         if s_per_px is None:
-            s_per_px = self.kept_probe(features)
+            s_per_px, load = self.kept_probe(features), cpu_load_term(features)
         if s_per_px is None:
             return None
-        return math.log(s_per_px * in_pixels(features)) + float(sec["probe_log_ratio"]), float(sec["probe_sd"])
+        return math.log(s_per_px * in_pixels(features)) + float(sec["probe_log_ratio"]) + load, float(sec["probe_sd"])
 
     def kept_probe(self, features: Mapping[str, Any]) -> float | None:
         """Seconds per pixel an earlier job's probe measured for this device, model, scale (and precision)."""
@@ -411,6 +412,23 @@ def _cpu_threads_term(sec: Mapping[str, Any], gpu: str, features: Mapping[str, A
     """
     ref, threads = _positive(sec.get("cpu_threads")), _positive(features.get("threads"))
     return math.log(ref / threads) if gpu == "cpu" and ref and threads else 0.0
+
+
+def cpu_load_term(features: Mapping[str, Any]) -> float:
+    """log(this job's cores / the cores other processes leave it), on a CPU the plan saw busy (`cpu_busy`).
+
+    Torch's threads wait for each other at every layer, so the job runs at
+    the pace of the thread that shares a core: with one of two cores taken,
+    half the speed (measured: 2.6x slower), not the two thirds a fair share
+    of the CPU would give.
+    """
+    threads, busy = _positive(features.get("threads")), _positive(features.get("cpu_busy"))
+    if features.get("gpu") != "cpu" or not threads or not busy:
+        return 0.0
+    return math.log(threads / max(threads - busy, MIN_FREE_SHARE * threads))
+
+
+MIN_FREE_SHARE = 0.25  # a machine busy on every core still gives the job about its fair share
 
 
 def probe_key(device: Any, model: Any, scale: Any, precision: Any) -> str:
