@@ -108,9 +108,9 @@ def test_plain_lines_header_phase_changes_every_five_seconds_at_first_and_summar
         "22:13:22  upscale started\n"
         "22:13:22  encode started\n"
         "22:13:25   23% · upscale 30/200 frames, 10 frames/s"
-        " · 0:00:05 elapsed · Less than a minute remaining\n"
+        " · 0:00:05 elapsed · About 20 seconds remaining\n"
         "22:13:30   44% · upscale 80/200 frames, 10 frames/s"
-        " · 0:00:10 elapsed · Less than a minute remaining\n"
+        " · 0:00:10 elapsed · About 20 seconds remaining\n"
         "22:13:35   64% · upscale 130/200 frames, 10 frames/s"
         " · 0:00:15 elapsed · Almost done…\n"
         "22:13:40   85% · upscale 180/200 frames, 10 frames/s"
@@ -144,7 +144,7 @@ def test_plain_waiting_phase_and_error():
 def test_plain_close_without_terminal_event_prints_where_it_stands():
     text = run_plain(local_job()[:9])
     assert text.splitlines()[-1] == (
-        "22:13:22   11% · upscale 0/200 frames · 0:00:02 elapsed · Less than a minute remaining"
+        "22:13:22   11% · upscale 0/200 frames · 0:00:02 elapsed · About 20 seconds remaining"
     )
 
 
@@ -470,7 +470,7 @@ def test_json_adds_periodic_snapshots_with_fraction_and_remaining_time():
     first = snaps[0]
     assert first == {
         "v": 1, "job": "cx-abc123", "seq": 22, "t": pytest.approx(T0 + 7.7), "type": "snapshot",
-        "fraction": first["fraction"], "elapsed": 7.7, "remaining_s": 16.5, "eta_text": "Less than a minute remaining",
+        "fraction": first["fraction"], "elapsed": 7.7, "remaining_s": 16.5, "eta_text": "About 20 seconds remaining",
         "phases": first["phases"],
     }
     assert 0 < first["fraction"] < snaps[-1]["fraction"] < 1

@@ -18,8 +18,10 @@ from clipexport.progress.text import EtaWords, amount, clock, eta_text, fold, pa
         (-1.0, "running", "Estimating time remaining…"),
         (0.0, "running", "Almost done…"),
         (9.9, "running", "Almost done…"),
-        (10.0, "running", "Less than a minute remaining"),
-        (59.9, "running", "Less than a minute remaining"),
+        (10.0, "running", "About 10 seconds remaining"),
+        (24.9, "running", "About 20 seconds remaining"),
+        (25.0, "running", "About 30 seconds remaining"),
+        (59.9, "running", "About 50 seconds remaining"),
         (60.0, "running", "About 1 minute remaining"),
         (89.0, "running", "About 1 minute remaining"),
         (90.0, "running", "About 2 minutes remaining"),
@@ -47,7 +49,10 @@ def test_eta_words_hold_the_count_near_a_boundary():
     assert words(4 * 60 + 25) == "About 5 minutes remaining"
     assert words(4 * 60 + 5) == "About 4 minutes remaining"
     # a change of kind is never held back
-    assert words(50) == "Less than a minute remaining"
+    assert words(50) == "About 50 seconds remaining"
+    # under a minute, in tens of seconds, held the same way: 44 s is still "about 50"
+    assert words(44) == "About 50 seconds remaining"
+    assert words(41) == "About 40 seconds remaining"
     assert words(None) == "Estimating time remaining…"
 
 

@@ -29,11 +29,11 @@ def _plural(n: int, word: str) -> str:
 
 
 def _bucket(remaining_s: float) -> tuple[str, int]:
-    """(kind, count) the words are made of: kinds 'almost', 'minute', 'minutes', 'tenmin', 'hours'."""
+    """(kind, count) the words are made of: kinds 'almost', 'seconds' (tens), 'minutes', 'tenmin', 'hours'."""
     if remaining_s < ALMOST_DONE_S:
         return "almost", 0
     if remaining_s < 60.0:
-        return "under", 0
+        return "seconds", min(50, max(10, _round(remaining_s / 10.0) * 10))
     minutes = max(1, _round(remaining_s / 60.0))
     if minutes < 60:
         return "minutes", minutes
@@ -45,8 +45,8 @@ def _bucket(remaining_s: float) -> tuple[str, int]:
 def _words(kind: str, count: int) -> str:
     if kind == "almost":
         return "Almost done…"
-    if kind == "under":
-        return "Less than a minute remaining"
+    if kind == "seconds":
+        return f"About {count} seconds remaining"
     if kind == "minutes":
         return f"About {_plural(count, 'minute')} remaining"
     if kind == "tenmin":
@@ -112,9 +112,9 @@ class EtaWords:
             return range_text(lo, hi)
         kind, count = _bucket(remaining_s)
         last = self._last
-        if last is not None and last[0] == kind and kind in ("minutes", "tenmin", "hours") and count != last[1]:
-            unit = {"minutes": 60.0, "tenmin": 60.0, "hours": 3600.0}[kind]
-            step = 10 if kind == "tenmin" else 1
+        if last is not None and last[0] == kind and kind != "almost" and count != last[1]:
+            unit = {"seconds": 1.0, "minutes": 60.0, "tenmin": 60.0, "hours": 3600.0}[kind]
+            step = 10 if kind in ("seconds", "tenmin") else 1
             exact = remaining_s / unit
             # keep the shown count while the estimate is within the margin of it
             if abs(exact - last[1]) < step / 2 + self.margin * step:
