@@ -78,9 +78,7 @@ def check_endpoint(url: str) -> str:
         raise UsageError("endpoint URL is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"endpoint URL must be http(s)://host[:port], not {parts.scheme or 'no'} scheme")
-    if parts.username is not None or parts.password is not None:
-        # Do not echo it: the user info may be a secret.
-        raise UsageError("endpoint URL must not carry credentials; use AWS_ACCESS_KEY_ID/AWS_PROFILE")
+    refuse_credentials(url, "endpoint URL")
     if parts.query or parts.fragment:
         raise UsageError(f"endpoint URL must not have a query or fragment: {parts.scheme}://{parts.netloc}")
     return url.rstrip("/")
@@ -92,7 +90,13 @@ def refuse_credentials(url: str | None, names: str) -> None:
     A job's settings are stored with it; `http://KEY:SECRET@host` would put
     the secret at rest in the job store.
     """
-    if url and "@" in urlsplit(url).netloc:
+    if not url:
+        return
+    try:
+        netloc = urlsplit(url).netloc
+    except ValueError:  # "http://[::1": not echoed either, it may hold a secret
+        raise UsageError(f"{names} is not a valid URL") from None
+    if "@" in netloc:
         raise UsageError(f"{names} must not carry credentials (user:secret@): give them in "
                          "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an AWS profile (AWS_PROFILE)")
 
