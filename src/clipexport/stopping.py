@@ -14,8 +14,12 @@ SIGTERM and SIGHUP raise `Interrupted` with their exit codes, and every
 later signal is a no-op until the command ends.
 
 A stop's exception can still land at any bytecode of the main thread. The
-few steps that must not be cut in half (starting a pair of threads whose
-cleanup assumes both run) hold it with `deferred()` until they are done.
+steps that must not be cut in half hold it with `deferred()` until they are
+done: every `threading.Thread.start()` while a command runs, whoever starts
+the thread (this tool, Rich, a thread pool), since cut there start() raises
+with the thread running anyway, or fails in its own cleanup (`KeyError:
+<Thread ...>` from its limbo table); and starting a pair of threads whose
+cleanup assumes both run.
 """
 
 from __future__ import annotations
@@ -137,21 +141,39 @@ def stop_on_signals() -> Iterator[Stop]:
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = {sig: signal.signal(sig, stop.handle) for sig in STOP_SIGNALS}
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    watcher = threading.Thread(target=watch_wakeup_fd, args=(read_fd, stop), name="clipexport-stop", daemon=True)
-    watcher.start()
+    with _starts_whole():
+        previous = {sig: signal.signal(sig, stop.handle) for sig in STOP_SIGNALS}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        watcher = threading.Thread(target=watch_wakeup_fd, args=(read_fd, stop), name="clipexport-stop",
+                                   daemon=True)
+        watcher.start()
+        try:
+            yield stop
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_IGN if _ignore_after else handler)
+            os.close(write_fd)  # the watcher reads end-of-file and returns
+            watcher.join(timeout=1.0)
+            os.close(read_fd)
+
+
+@contextmanager
+def _starts_whole() -> Iterator[None]:
+    """`threading.Thread.start()` runs under `deferred()`: a stop is raised once it has returned."""
+    original = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        with deferred():
+            original(self)
+
+    threading.Thread.start = start  # type: ignore[method-assign]
     try:
-        yield stop
+        yield
     finally:
-        signal.set_wakeup_fd(previous_fd)
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_IGN if _ignore_after else handler)
-        os.close(write_fd)  # the watcher reads end-of-file and returns
-        watcher.join(timeout=1.0)
-        os.close(read_fd)
+        threading.Thread.start = original  # type: ignore[method-assign]
 
 
 def watch_wakeup_fd(read_fd: int, stop: Stop) -> None:
