@@ -9,10 +9,12 @@ each early in a job.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -161,6 +163,36 @@ def test_a_stop_that_lands_inside_any_thread_start_comes_out_once_start_has_done
     assert threading.Thread.start is original_start  # put back when the command's body ends
     release.set()
     started.join(5.0)
+
+
+_CTRL_C_AT_DONE = """
+import signal, sys
+from clipexport.cli import main
+from clipexport.jobs import JobState, JobStore
+real = JobStore.transition
+def transition(self, job, state, *args, **kwargs):
+    out = real(self, job, state, *args, **kwargs)
+    if state == JobState.DONE:
+        signal.raise_signal(signal.SIGINT)  # the Ctrl-C lands the moment the job is done in the store
+    return out
+JobStore.transition = transition
+main(sys.argv[1:])
+"""
+
+
+def test_a_ctrl_c_the_moment_the_job_is_done_leaves_it_done(tmp_path, clipexport_home):
+    """The stress loop's "error: job … is done; it cannot become interrupted" (exit 2): the stop came
+    between the store's `done` and the log's. The job is done: exit 0, its path, no `interrupted`."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=FRAMES, width=32, height=18, fps=24)
+    out = tmp_path / "out.mp4"
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_AT_DONE, "render", str(clip), "-o", str(out),
+                           "--progress", "plain"], capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out) and out.is_file() and "error" not in proc.stderr
+    (record,) = JobStore(clipexport_home / "state").all()
+    kinds = [json.loads(line)["type"] for line in JobStore(clipexport_home / "state").log_path(record.id)
+             .read_text().splitlines()]
+    assert record.state == JobState.DONE and kinds[-1] == "done" and "interrupted" not in kinds
 
 
 def test_quiet_stops_without_stopping_and_says_only_how_it_ended(tmp_path, clipexport_home):

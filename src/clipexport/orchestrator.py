@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from clipexport import events, testhook
+from clipexport import events, stopping, testhook
 from clipexport.backends.base import Backend
 from clipexport.errors import (
     BackendError,
@@ -256,6 +256,7 @@ class JobRunner:
         )
         self.stop = threading.Event()
         self.damage: str | None = None  # one line on frames that could not be decoded, once the segments ran
+        self._done = False  # the job reached `done`: a stop that comes now is too late to change that
 
     def _remember_seq(self, event: events.Event) -> None:
         """Store seq and fraction at phase changes (and at the end), not per frame."""
@@ -443,13 +444,18 @@ class JobRunner:
             ProgressChannel(self.storage, channel_prefix(self.job)).clear()
         self.emitter("phase_end", phase="finalize", elapsed=round(time.monotonic() - started, 3),
                      bytes=sum(out.stat().st_size for out in outs))
-        self.store.transition(self.job, JobState.DONE)
-        plan_t = self.facts.plan_time() or time.time()
-        billed = self._billed
-        extra = {"cost_usd": billed["usd"], "gpu_s": billed["gpu_s"], "billed": billed} if billed else {}
-        self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3), **extra)
+        with stopping.deferred():  # done in the store and `done` in the log, or neither
+            self.store.transition(self.job, JobState.DONE)
+            self._done = True
+            plan_t = self.facts.plan_time() or time.time()
+            billed = self._billed
+            extra = {"cost_usd": billed["usd"], "gpu_s": billed["gpu_s"], "billed": billed} if billed else {}
+            self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3), **extra)
 
     def _stopped(self, exc: Interrupted) -> None:
+        """The job stays resumable; unless it was already done (a Ctrl-C at its very end): that stands."""
+        if self._done:
+            return
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
         self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
         if self.facts.cancel_requested():  # `clipexport cancel` sent the signal: nothing to resume
