@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from clipexport.progress import TimingModel, Tracker, estimate_plan
-from clipexport.progress.estimator import Estimator
+from clipexport.progress.estimator import Estimate, Estimator
 from clipexport.progress.state import JobState
 
 from .test_progress_synth import JobSpec, job_events
@@ -249,3 +249,37 @@ def test_a_part_resumed_inside_keeps_its_row_and_counts_only_the_redone_frames_a
     row = next(r for r in tracker.snapshot(106.0).phases if r.phase == "upscale")
     assert "redoing 13 frames" in (row.detail or ""), row.detail
     assert row.rate == pytest.approx((55 - 48) / (106.0 - 104.0)), "kept frames are not this run's work"
+
+
+def test_a_live_tracker_reuses_its_estimate_for_a_second_counting_it_down():
+    """A live view asks four times a second; an estimate walks every segment: within `reuse_s` of the
+    last one the tracker counts it down instead (a replay, reuse_s 0, estimates at every event)."""
+    calls = []
+
+    class Counting(Estimator):
+        def estimate(self, st, now):
+            calls.append(now)
+            return Estimate(100.0 - now, remaining_lo_s=80.0 - now, remaining_hi_s=130.0 - now)
+
+    started = [{"type": "plan", "t": 0.0, "seq": 0, "job": "cx-reuse", "features": {},
+                "phases": [{"phase": "upscale", "unit": "frames", "total": 100}]},
+               {"type": "phase_start", "phase": "upscale", "unit": "frames", "total": 100, "t": 1.0, "seq": 1}]
+    live = Tracker(reuse_s=1.0)
+    live.estimator = Counting(live.model)
+    for e in started:
+        live.feed(e)
+    t = 10.0
+    first = live.snapshot(t)
+    later = live.snapshot(t + 0.75)
+    assert calls == [t]  # the second came from the first, counted down
+    assert later.remaining_s == pytest.approx(first.remaining_s - 0.75)
+    assert later.remaining_hi_s == pytest.approx(first.remaining_hi_s - 0.75)
+    live.snapshot(t + 1.0)
+    assert calls == [t, t + 1.0]  # a second on: estimated again
+    exact = Tracker()
+    exact.estimator = Counting(exact.model)
+    for e in started:
+        exact.feed(e)
+    exact.snapshot(t)
+    exact.snapshot(t + 0.75)
+    assert len(calls) == 4

@@ -520,6 +520,9 @@ def _device_name(spec: JobSpec) -> str:
     return device_name(spec.device)
 
 
+LIVE_REUSE_S = 1.0  # a live view estimates at most once a second (`Tracker.reuse_s`)
+
+
 def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh: bool, force: bool,
          stop: Stop, interval: float | None = None) -> None:
     """Run a job under a display; print the output path when done."""
@@ -531,7 +534,7 @@ def _run(store: JobStore, record: JobRecord, prepared: Any, *, mode: str, fresh:
 
     spec = record.spec
     storage = None if spec.storage is None else open_storage(spec.storage, endpoint_url=spec.endpoint_url)
-    tracker = Tracker(load_model(), floor=record.fraction)
+    tracker = Tracker(load_model(), floor=record.fraction, reuse_s=LIVE_REUSE_S)
     planned = False
     if not fresh:
         for event in events.read_events(store.log_path(record.id)):

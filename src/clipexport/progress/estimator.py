@@ -27,7 +27,7 @@ The up-front estimate of a plan is in `upfront`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .containers import first_warm_probability
@@ -54,6 +54,15 @@ class Estimate:
     rates: dict[str, float] = field(default_factory=dict)  # observed rate of each phase, unit per second
     remaining_lo_s: float | None = None  # the 80 % range of remaining_s: 10 % of jobs end sooner,
     remaining_hi_s: float | None = None  # 10 % later
+
+    def counted_down(self, seconds: float, floor: float) -> Estimate:
+        """The same estimate `seconds` later, nothing new having happened: each time left less those
+        seconds, the estimate itself no lower than `floor` (`Settings.min_remaining_s`)."""
+        def less(value: float | None, least: float) -> float | None:
+            return None if value is None else max(value - seconds, least)
+
+        return replace(self, remaining_s=less(self.remaining_s, floor), remaining_lo_s=less(self.remaining_lo_s, 0.0),
+                       remaining_hi_s=less(self.remaining_hi_s, floor))
 
 
 class Estimator:

@@ -24,7 +24,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from .estimator import Estimator
+from .estimator import Estimate, Estimator
 from .model import TimingModel
 from .state import JobState, PhaseState, _num
 from .text import EtaWords
@@ -96,13 +96,17 @@ class Snapshot:
 class Tracker:
     """Aggregates events of one job and snapshots its progress."""
 
-    def __init__(self, model: TimingModel | None = None, *, floor: float = 0.0) -> None:
+    def __init__(self, model: TimingModel | None = None, *, floor: float = 0.0, reuse_s: float = 0.0) -> None:
+        """`reuse_s`: a live view's snapshots within that many seconds of the last estimate count
+        it down instead of estimating again (0: every snapshot estimates, as a replay must)."""
         self.model = model or TimingModel.default()
         self.state = JobState()
         self.estimator = Estimator(self.model)
         self._shown = min(max(float(floor), 0.0), MAX_RUNNING_FRACTION)
         self._words = EtaWords()
         self._lock = threading.RLock()
+        self._reuse_s = reuse_s
+        self._last: tuple[float, Estimate] | None = None  # (when, what) the estimator said last
 
     def feed(self, event: dict) -> None:
         """Apply any contract event (it must carry `t`)."""
@@ -133,7 +137,7 @@ class Tracker:
             remaining = None
             message = _str(st.terminal_event, "message")
         else:
-            est = self.estimator.estimate(st, now)
+            est = self._estimate(now)
             remaining, lo, hi = est.remaining_s, est.remaining_lo_s, est.remaining_hi_s
             raw = self._raw_fraction(elapsed, remaining)
             self._shown = max(self._shown, min(raw, MAX_RUNNING_FRACTION))
@@ -151,6 +155,21 @@ class Tracker:
             remaining_lo_s=lo,
             remaining_hi_s=hi,
         )
+
+    def _estimate(self, now: float) -> Estimate:
+        """The estimator's answer at `now`, or the last one counted down when it is under `reuse_s` old.
+
+        An estimate walks every segment of the job: 20 ms at 900 segments on
+        this machine's CPU, where a live view asks four times a second while
+        the CPU renders. Between two estimates a second apart, the time left
+        runs down with the clock, as the estimator's would until a stall.
+        """
+        last = self._last
+        if last is not None and 0.0 <= now - last[0] < self._reuse_s:
+            return last[1].counted_down(now - last[0], self.estimator.settings.min_remaining_s)
+        est = self.estimator.estimate(self.state, now)
+        self._last = (now, est)
+        return est
 
     def _raw_fraction(self, elapsed: float, remaining: float | None) -> float:
         if remaining is not None and math.isfinite(remaining):
