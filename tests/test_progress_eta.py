@@ -54,9 +54,10 @@ def _plan(frames: int = 240, width: int = W, height: int = H, t: float = 0.0) ->
 
 
 def test_the_probe_times_the_real_model_and_becomes_the_prior(upscaler):
-    # three timed runs of 0.20, 0.10 and 0.30 s: the fastest counts
+    # three timed runs of 0.20, 0.10 and 0.30 s: the fastest counts, the median rides along
     probe = probe_speed(upscaler, W, H, device="cpu", clock=_clock(0.0, 0.2, 1.0, 1.1, 2.0, 2.3))
     assert probe["s_per_px"] == pytest.approx(0.1 / (W * H))
+    assert probe["s_per_px_median"] == pytest.approx(0.2 / (W * H))
     assert (probe["device"], probe["model"], probe["scale"], probe["precision"]) == (
         "cpu", "realesr-animevideov3", 2, "fp32")
 
@@ -376,5 +377,8 @@ def test_a_busy_cpu_slows_the_prior_and_a_kept_probe_but_not_this_jobs_own_probe
     assert math.exp(kept.spf(busy_p)[0] - kept.spf(idle_p)[0]) == pytest.approx(2.0)
     own = {"s_per_px": 1e-6}
     assert kept.spf(busy_p, own) == kept.spf(idle_p, own)  # measured under today's load already
+    # but on a busy CPU the fastest run was the lucky one: its median run counts there
+    runs = {"s_per_px": 1e-6, "s_per_px_median": 1.5e-6}
+    assert math.exp(kept.spf(busy_p, runs)[0] - kept.spf(idle_p, runs)[0]) == pytest.approx(1.5)
     overloaded = dict(idle, cpu_busy=2.0)  # every core taken: still about a fair share, not a stop
     assert math.exp(MODEL.spf(overloaded)[0] - MODEL.spf(idle)[0]) == pytest.approx(4.0)

@@ -367,7 +367,7 @@ class TimingModel:
     def _probed_spf(self, features: Mapping[str, Any], probe: Mapping[str, Any] | None) -> tuple[float, float] | None:
         """(log spf, sd) from a probe's seconds per pixel, times the pipeline's share beyond the model."""
         sec = self.section("upscale")
-        s_per_px = _positive(probe.get("s_per_px")) if probe else None
+        s_per_px = _probe_speed(probe, features) if probe else None
         load = 0.0  # this job's probe ran under today's load already; a kept one did not
         if s_per_px is None:
             s_per_px, load = self.kept_probe(features), cpu_load_term(features)
@@ -412,6 +412,15 @@ def _cpu_threads_term(sec: Mapping[str, Any], gpu: str, features: Mapping[str, A
     """
     ref, threads = _positive(sec.get("cpu_threads")), _positive(features.get("threads"))
     return math.log(ref / threads) if gpu == "cpu" and ref and threads else 0.0
+
+
+def _probe_speed(probe: Mapping[str, Any], features: Mapping[str, Any]) -> float | None:
+    """This job's probe: its fastest run, or its median one where the plan saw the CPU busy
+    (runs then take turns with other processes, and the fastest is the one that was not kept waiting)."""
+    fastest = _positive(probe.get("s_per_px"))
+    if cpu_load_term(features) > 0:
+        return _positive(probe.get("s_per_px_median")) or fastest
+    return fastest
 
 
 def cpu_load_term(features: Mapping[str, Any]) -> float:
