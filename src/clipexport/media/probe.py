@@ -180,22 +180,26 @@ def _count_by_demux(path: Path, container: Any, vindex: int) -> _Demuxed:
     return found
 
 
-def _crowded(pts: list[int], tb: Fraction, fps: Fraction) -> bool:
+def _gaps(pts: list[int]) -> list[int]:
+    """The spacings between the frames' distinct timestamps, smallest first (ticks of the time base)."""
+    ticks = sorted(set(pts))
+    return sorted(b - a for a, b in zip(ticks, ticks[1:]))
+
+
+def _crowded(gaps: list[int], tb: Fraction, fps: Fraction) -> bool:
     """Whether two frames come closer together than one frame at `fps` (allowing a tick of rounding).
 
     Sampled by time at `fps`, such frames would share an output slot and one
     of them would be lost: the plan pushes them apart instead.
     """
-    ticks = sorted(set(pts))
-    least = 1 / fps - 2 * tb
-    return any((b - a) * tb < least for a, b in zip(ticks, ticks[1:]))
+    return bool(gaps) and gaps[0] * tb < 1 / fps - 2 * tb
 
 
 _RATES = (Fraction(24000, 1001), Fraction(24), Fraction(25), Fraction(30000, 1001), Fraction(30), Fraction(48),
           Fraction(50), Fraction(60000, 1001), Fraction(60), Fraction(90), Fraction(100), Fraction(120))
 
 
-def _pace(pts: list[int], tb: Fraction, fps: Fraction) -> Fraction | None:
+def _pace(gaps: list[int], tb: Fraction, fps: Fraction) -> Fraction | None:
     """The rate of a clip's usual frame spacing (the median), when pauses pull its average `fps` below it.
 
     A screen recording at 30 fps that holds still for seconds averages a
@@ -204,8 +208,6 @@ def _pace(pts: list[int], tb: Fraction, fps: Fraction) -> Fraction | None:
     they keep their timing and the pauses repeat a frame. Snapped to a
     common rate within 2 %, at most 120 fps; None when within 5 % of `fps`.
     """
-    ticks = sorted(set(pts))
-    gaps = sorted(b - a for a, b in zip(ticks, ticks[1:]))
     if not gaps or gaps[len(gaps) // 2] <= 0:
         return None
     pace = 1 / (gaps[len(gaps) // 2] * tb)
@@ -386,8 +388,9 @@ def _probe(path: Path, size: int) -> ClipInfo:
             duration = stream_dur or vdur
             if vdur and frames > 1 and abs(frames - vdur * fps) > 1:  # a variable rate the header misstates
                 fps, duration = (Fraction(frames) / vdur).limit_denominator(1_000_000), vdur
-            crowded = bool(demuxed.pts) and _crowded(demuxed.pts, Fraction(tb), fps)
-            pace = _pace(demuxed.pts, Fraction(tb), fps) if crowded else None
+            gaps = _gaps(demuxed.pts)
+            crowded = _crowded(gaps, Fraction(tb), fps)
+            pace = _pace(gaps, Fraction(tb), fps) if crowded else None
             header = container.duration
             fmt = container.format.name if container.format else ""
             if (
