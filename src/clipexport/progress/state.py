@@ -185,8 +185,12 @@ class PhaseState(_Span):
         kept = min(done, part.lost_done)
         part.lost_done -= kept
         if halted:
-            self.redo = max(0.0, self.redo - kept)
-            self.base_done += kept
+            self.not_redone(kept)
+
+    def not_redone(self, work: float) -> None:
+        """Work a resume counted as cut short was left whole after all: not to redo, and done before this run."""
+        self.redo = max(0.0, self.redo - work)
+        self.base_done += work
 
     @property
     def done(self) -> float:
@@ -445,8 +449,7 @@ class JobState:
         if done is None:
             return
         if halted:
-            ph.redo = max(0.0, ph.redo - done)
-            ph.base_done += done
+            ph.not_redone(min(done, part.lost_done))
         whole = total if total is not None else part.total
         if part is not ph.whole and part.end_t is None and whole is not None and done >= whole:
             part.end_t = t
