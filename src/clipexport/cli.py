@@ -155,13 +155,12 @@ def _note(message: str) -> None:
     broken between words to the terminal's width (errors stay one line, for logs)."""
     if _QUIET:
         return
+    line = f"clipexport: {message}"
     if sys.stderr.isatty():
         from clipexport.progress.text import fold
 
-        message = "\n".join(fold(f"clipexport: {message}", shutil.get_terminal_size().columns))
-        _print(message, sys.stderr)
-    else:
-        _say(message)
+        line = "\n".join(fold(line, shutil.get_terminal_size().columns))
+    _print(line, sys.stderr)
 
 
 def _quiet_if_asked(stop: Stop) -> Stop:

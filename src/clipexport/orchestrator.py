@@ -566,7 +566,6 @@ def partial_outputs(spec: JobSpec, job_id: str) -> list[Path]:
     return [hidden_name(out, job_id) for out in output_paths(spec)]
 
 
-
 def cancel_job(store: JobStore, job_id: str, *, segment_root: Path, purge: bool = False,
                wait_s: float = 15.0) -> tuple[JobRecord, int]:
     """Stop a job's local work, drop its temporary files, mark it cancelled.

@@ -20,7 +20,6 @@ import numpy as np
 from clipexport.progress.model import PROBE_BUDGET_S, PROBE_RUNS
 
 
-
 def probe_speed(
     upscaler: Any,
     width: int,

@@ -43,4 +43,3 @@ __all__ = [
     "replay_traces",
     "user_model_path",
 ]
-

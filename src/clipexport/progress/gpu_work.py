@@ -148,7 +148,7 @@ def _running(m: Moment, up: PhaseState, spf: float, pending: list[tuple[str, flo
 def _upscale_ends(m: Moment, up: PhaseState, ft: FrameTime, cursor: float, first: str | None,
                   shares: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(upscale end of every segment, its frames): running ones, then pending ones on the next free container."""
-    now, model, spf = m.now, m.model, ft.spf
+    now, spf = m.now, ft.spf
     start_cursor = max(cursor, now)
     between = _between_segments(m, up, spf)
     warm_full = warm_excess(m, spf)

@@ -55,4 +55,3 @@ def container_kind(c: PartState, loaded: PhaseState | None) -> str | None:
     if loaded is not None and c.key in loaded.parts:
         return "cold"
     return None
-
