@@ -180,6 +180,10 @@ def stored_input(storage: Storage, key: str, cache: Path, *, from_start: bool = 
     whole instead, once per container, into `cache`. Its key names its
     sha256 (content-addressed): the stored object must say the same.
     """
+    whole = from_start or key.lower().endswith(WHOLE_FILE_SUFFIXES)
+    path = cache / "inputs" / key.replace("/", "_")
+    if whole and path.is_file():
+        return path  # downloaded by an earlier segment of this container, sha256-checked then
     info = storage.stat(key)
     if info is None:
         raise StorageNotFoundError(f"{storage.url}/{key}: the input is not in the store; run `resume` to upload it")
@@ -187,9 +191,8 @@ def stored_input(storage: Storage, key: str, cache: Path, *, from_start: bool = 
     sha = match.group(1) if match else None
     if sha and info.sha256 and info.sha256 != sha:
         raise StorageError(f"{storage.url}/{key}: stored sha256 {info.sha256} is not the one its key names")
-    if not (from_start or key.lower().endswith(WHOLE_FILE_SUFFIXES)):
+    if not whole:
         return StoredClip(storage, key, info.size)
-    path = cache / "inputs" / key.replace("/", "_")
     with _fetch_guard:
         lock = _fetch_locks.setdefault(str(path), threading.Lock())
     with lock:
