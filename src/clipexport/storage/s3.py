@@ -238,13 +238,14 @@ class S3Storage:
         check_key(prefix, prefix=True)
         found = [
             ObjectInfo(key=item["Key"][len(self.prefix) :], size=int(item["Size"]), sha256=None, etag=item.get("ETag"))
-            for item in self.errors.call("list", prefix, self._pages, "list_objects_v2", "Contents", prefix)
+            for item in self.errors.call("list", prefix, self._pages, "list_objects_v2", "Contents",
+                                         Prefix=self.prefix + prefix)
         ]
         return sorted(found, key=lambda i: i.key)
 
-    def _pages(self, operation: str, field: str, prefix: str, **kwargs: Any) -> list[dict]:
-        """Every item of a paginated listing under `prefix` (call it through `errors.call`)."""
-        pages = self.client.get_paginator(operation).paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, **kwargs)
+    def _pages(self, operation: str, field: str, **params: Any) -> list[dict]:
+        """Every item (`field` of each page) of a paginated listing of the bucket (call it through `errors.call`)."""
+        pages = self.client.get_paginator(operation).paginate(Bucket=self.bucket, **params)
         return [item for page in pages for item in page.get(field, ())]
 
     def delete_prefix(self, prefix: str) -> int:
@@ -256,8 +257,8 @@ class S3Storage:
             # DeleteObjects needs a request checksum some servers reject;
             # single deletes work everywhere and these sets are small.
             self.errors.call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._full(key))
-        uploads = self.errors.call("list uploads", prefix, self._pages, "list_multipart_uploads", "Uploads", prefix,
-                                   expected=codes("NotImplemented", "501"))
+        uploads = self.errors.call("list uploads", prefix, self._pages, "list_multipart_uploads", "Uploads",
+                                   Prefix=self.prefix + prefix, expected=codes("NotImplemented", "501"))
         for upload in uploads or ():
             self._abort(upload["Key"], upload["UploadId"])
         return len(keys)
@@ -505,14 +506,8 @@ class _Multipart:
         A list, because SeaweedFS lists every version of a re-sent part
         number (and completes with the one whose etag is named).
         """
-
-        def listing() -> list[dict]:
-            pages = self.client.get_paginator("list_parts").paginate(
-                Bucket=self.s.bucket, Key=self.full, UploadId=upload_id
-            )
-            return [p for page in pages for p in page.get("Parts", ())]
-
-        listed = self.s.errors.call("list parts", self.key, listing, expected=_UPLOAD_GONE)
+        listed = self.s.errors.call("list parts", self.key, self.s._pages, "list_parts", "Parts", Key=self.full,
+                                    UploadId=upload_id, expected=_UPLOAD_GONE)
         if listed is None:
             return None
         parts: dict[int, list[tuple[str, int]]] = {}
