@@ -85,7 +85,12 @@ def stream_evidence(m: Moment, ph: PhaseState) -> tuple[float, float, float | No
 
 def stream_rate(m: Moment, ph: PhaseState) -> tuple[float, float] | None:
     """(rate, evidence seconds) observed for a byte or unit stream; None before any."""
-    done, time, _ = stream_evidence(m, ph)
+    return rate_of(stream_evidence(m, ph))
+
+
+def rate_of(evidence: tuple[float, float, float | None]) -> tuple[float, float] | None:
+    """(rate, evidence seconds) from `stream_evidence`'s answer; None before any."""
+    done, time, _ = evidence
     if done <= 0 or time <= 0:
         return None
     return done / time, time

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from .moment import Moment
-from .rates import blend, grace_of, stream_end, stream_evidence, stream_rate
+from .rates import blend, grace_of, rate_of, stream_end, stream_evidence
 from .state import PhaseState
 
 PREPARE_TAU_S = 0.3  # observed seconds worth a prepare-rate prior of sd 1
@@ -30,7 +30,8 @@ def _prior(m: Moment, ph: PhaseState) -> tuple[float, float, float] | None:
 def stream_remaining(m: Moment, ph: PhaseState) -> float | None:
     """Seconds until the phase ends, if it runs from now on; None when nothing tells."""
     total = ph.known_total
-    obs = stream_rate(m, ph)
+    evidence = stream_evidence(m, ph)
+    obs = rate_of(evidence)
     prior = _prior(m, ph)
     if prior is None:
         if not ph.started:
@@ -45,7 +46,7 @@ def stream_remaining(m: Moment, ph: PhaseState) -> float | None:
     left = max(total - ph.done, 0.0)
     if not ph.started:
         return left / rate
-    _, _, last = stream_evidence(m, ph)
+    last = evidence[2]
     base = last if last is not None else (ph.start_t if ph.start_t is not None else m.now)
     running = [p for p in (list(ph.parts.values()) or [ph.whole]) if p.started and not p.ended]
     grace = max([grace_of(p, m.settings.grace_s) for p in running] or [m.settings.grace_s])
