@@ -36,6 +36,11 @@ from clipexport.upscale.archs import build
 MODEL = "realesr-animevideov3"
 
 
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    """HWC uint8 -> NCHW float in [0, 1], as the reference loop feeds the model."""
+    return torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255.0).unsqueeze(0)
+
+
 def int8_engine(up, calibration: list[np.ndarray]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """`up`'s network quantised to int8, its activation ranges calibrated on `calibration`."""
     from torch.ao.quantization import HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver, QConfig
@@ -54,7 +59,7 @@ def int8_engine(up, calibration: list[np.ndarray]) -> Callable[[list[np.ndarray]
     mapping = get_default_qconfig_mapping("x86").set_global(conv)
     for i, layer in enumerate(net.body):
         mapping = mapping.set_module_name(f"body.{i}", prelu if isinstance(layer, torch.nn.PReLU) else conv)
-    tensors = [torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255.0).unsqueeze(0) for img in calibration]
+    tensors = [_tensor(img) for img in calibration]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FX quantisation is deprecated in favour of torchao
         prepared = prepare_fx(copy.deepcopy(net), mapping, (tensors[0],))
@@ -66,9 +71,8 @@ def int8_engine(up, calibration: list[np.ndarray]) -> Callable[[list[np.ndarray]
     def run(frames: list[np.ndarray]) -> list[np.ndarray]:
         outs = []
         for img in frames:
-            x = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255.0).unsqueeze(0)
             with torch.no_grad():
-                outs.append(quantise(qnet(x).squeeze(0).numpy()))
+                outs.append(quantise(qnet(_tensor(img)).squeeze(0).numpy()))
         return outs
 
     return run
