@@ -283,3 +283,19 @@ def test_a_live_tracker_reuses_its_estimate_for_a_second_counting_it_down():
     exact.snapshot(t)
     exact.snapshot(t + 0.75)
     assert len(calls) == 4
+
+
+def test_a_kept_estimate_is_not_reused_past_the_plan_or_a_phase_change():
+    """Live, the runner asks for the fraction before the display has fed the plan: an estimate of
+    nothing (None), which, reused, showed the phases' mean work (50 %) and held it for minutes."""
+    live = Tracker(reuse_s=1.0)
+    assert live.snapshot(0.0).remaining_s is None  # asked before the plan arrived
+    live.feed({"type": "plan", "t": 0.0, "seq": 0, "job": "cx-reuse",
+               "features": {"gpu": "cpu", "frames": 100, "in_width": 64, "in_height": 36, "scale": 2},
+               "phases": [{"phase": "prepare", "unit": "bytes", "total": 10},
+                          {"phase": "upscale", "unit": "frames", "total": 100}]})
+    live.feed({"type": "phase_start", "phase": "prepare", "unit": "bytes", "total": 10, "t": 0.1, "seq": 1})
+    live.feed({"type": "phase_end", "phase": "prepare", "t": 0.2, "seq": 2})
+    live.feed({"type": "phase_start", "phase": "upscale", "unit": "frames", "total": 100, "t": 0.3, "seq": 3})
+    snap = live.snapshot(0.5)
+    assert snap.remaining_s is not None and snap.fraction < 0.2
