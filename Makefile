@@ -29,7 +29,6 @@ test-stress: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/upscale_fps.py
-	$(PY) bench/int8_headroom.py
 	$(PY) bench/eta_accuracy.py
 	$(PY) bench/eta_live.py --quick
 	$(PY) bench/transfer.py

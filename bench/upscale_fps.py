@@ -9,7 +9,8 @@ best of --repeat (the machine is shared: a noisy neighbour hits all alike):
   by frame, its CPU path (Vulkan off, fp16/bf16 storage off): the baseline.
 * naive loop: the reference Real-ESRGAN video script's way, per frame: float32
   numpy -> NCHW tensor -> model -> numpy clamp * 255 round.
-* clipexport <precision>, batch B: ``Upscaler.stream`` over the frames.
+* clipexport <precision>, batch B: ``Upscaler.stream`` over the frames, in
+  fp32, bf16 and (compact nets) int8, whichever ``auto`` picks here.
 * render: ``clipexport render`` on the clip, in a subprocess, at the default
   precision: its ``done.elapsed`` (plan to done: hashing, model load, decode,
   upscale, encode, mux) and its segments' time (decode, upscale and encode,
@@ -49,6 +50,7 @@ from clipexport.config import cache_dir  # noqa: E402
 from clipexport.upscale import MODELS, load_upscaler  # noqa: E402
 from clipexport.upscale.archs import build  # noqa: E402
 from clipexport.upscale.ncnn import find_offline  # noqa: E402
+from clipexport.upscale.int8 import available as int8_available  # noqa: E402
 from clipexport.upscale.precision import resolve  # noqa: E402
 
 FPS = 24
@@ -188,8 +190,10 @@ def main() -> None:
         ap.error("--frames, --repeat, --threads and --batches must be at least 1")
 
     torch.set_num_threads(args.threads)
-    default = resolve("auto", "cpu")
-    precisions = ("fp32", "bf16")  # both, whichever auto picks: the table shows why it picks it
+    spec = MODELS[args.model]
+    default = resolve("auto", "cpu", model=spec)
+    # Every precision this model runs on a CPU, whichever auto picks: the table shows why it picks it.
+    precisions = ("fp32", "bf16", "int8") if spec.arch == "compact" and int8_available() else ("fp32", "bf16")
     ups = {p: load_upscaler(args.model, device="cpu", precision=p, tile=0) for p in precisions}
 
     def row(p: str, b: int) -> str:

@@ -15,20 +15,24 @@ from typer.testing import CliRunner
 
 from clipexport.cli import app
 from clipexport.errors import UsageError
-from clipexport.upscale import load_upscaler, precision
+from clipexport.upscale import MODELS, load_upscaler, precision
 from tests.clips import make_clip
 
 runner = CliRunner()
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample.mp4"
 
 # Excerpts of real /proc/cpuinfo files: a Sapphire Rapids (AMX), a Cooper Lake
-# (AVX512-BF16, no AMX), a Skylake server (AVX-512 without bf16), an arm64 box.
+# (AVX512-BF16 and VNNI, no AMX), a Cascade Lake server (AVX-512 VNNI without
+# bf16), an Alder Lake (AVX-VNNI), a Haswell (AVX2 only), an arm64 box.
 CPUINFO = {
     "amx": "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw amx_bf16 amx_tile amx_int8\n",
     "avx512_bf16": "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n",
-    "skylake": "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n",
+    "cascadelake": "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n",
+    "alderlake": "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx_vnni\n",
+    "haswell": "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n",
     "arm64": "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes crc32 atomics\n",
 }
+ANIME, X4PLUS = MODELS["realesr-animevideov3"], MODELS["realesrgan-x4plus"]
 
 
 @pytest.fixture
@@ -44,13 +48,24 @@ def cpuinfo(tmp_path, monkeypatch):
     return use
 
 
-@pytest.mark.parametrize("name,expected", [("amx", "bf16"), ("avx512_bf16", "fp32"), ("skylake", "fp32"),
-                                           ("arm64", "fp32")])
+@pytest.mark.parametrize("name,expected", [("amx", "bf16"), ("avx512_bf16", "int8"), ("cascadelake", "int8"),
+                                           ("alderlake", "int8"), ("haswell", "fp32"), ("arm64", "fp32")])
 def test_auto_follows_the_cpu_flags(cpuinfo, name, expected):
     cpuinfo(name)
-    assert precision.resolve("auto", "cpu") == expected
-    assert precision.resolve("auto", "cuda") == "fp16"  # whatever the CPU
+    assert precision.resolve("auto", "cpu", model=ANIME) == expected
+    assert precision.resolve("auto", "cuda", model=ANIME) == "fp16"  # whatever the CPU
     assert precision.resolve("fp32", "cpu") == "fp32" and precision.resolve("bf16", "cpu") == "bf16"
+    # int8 only where its quality was measured: not the RRDB nets, nor an unnamed model.
+    assert precision.resolve("auto", "cpu", model=X4PLUS) == ("bf16" if name == "amx" else "fp32")
+    assert precision.resolve("auto", "cpu") == ("bf16" if name == "amx" else "fp32")
+
+
+def test_auto_falls_back_to_fp32_without_numba_and_int8_says_what_is_missing(cpuinfo, monkeypatch):
+    cpuinfo("cascadelake")
+    monkeypatch.setattr(precision, "_numba_installed", lambda: False)
+    assert precision.resolve("auto", "cpu", model=ANIME) == "fp32"
+    with pytest.raises(UsageError, match="precision int8 needs numba"):
+        precision.resolve("int8", "cpu", model=ANIME)
 
 
 def test_flags_are_read_from_the_file(tmp_path):
@@ -62,10 +77,15 @@ def test_flags_are_read_from_the_file(tmp_path):
 
 def test_names_and_refusals():
     assert precision.normalise("BFloat16") == "bf16" and precision.normalise(" float32 ") == "fp32"
-    with pytest.raises(UsageError, match="unknown precision 'int8'"):
-        precision.normalise("int8")
+    with pytest.raises(UsageError, match="unknown precision 'int4'"):
+        precision.normalise("int4")
     with pytest.raises(UsageError, match="fp16 does not run on the CPU"):
         precision.resolve("fp16", "cpu")
+    with pytest.raises(UsageError, match="int8 runs on the CPU only"):
+        precision.resolve("int8", "cuda", model=ANIME)
+    with pytest.raises(UsageError, match="int8 runs the compact models only .* not realesrgan-x4plus"):
+        precision.resolve("int8", "cpu", model=X4PLUS)
+    assert precision.resolve("int8", "cpu", model=MODELS["realesr-general-x4v3"]) == "int8"  # asked for: allowed
 
 
 def _sample_frames(count: int) -> np.ndarray:
@@ -79,15 +99,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
-def test_default_precision_on_an_amx_cpu_keeps_45_db_on_a_real_clip(cpuinfo):
-    cpuinfo("amx")  # the default on such a CPU, emulated where this one has no AMX
-    frames = _sample_frames(2)
+@pytest.mark.parametrize("flags,expected", [("amx", "bf16"), ("cascadelake", "int8")])
+def test_the_default_precision_keeps_45_db_on_a_real_clip(cpuinfo, flags, expected):
+    cpuinfo(flags)  # the default on such a CPU, emulated where this one lacks the instructions
+    frames = _sample_frames(3)
     default = load_upscaler("realesr-animevideov3", device="cpu")
     fp32 = load_upscaler("realesr-animevideov3", device="cpu", precision="fp32")
-    assert default.precision == "bf16"
+    assert default.precision == expected
     got, ref = default.upscale(frames), fp32.upscale(frames)
-    assert got.shape == ref.shape == (2, 360, 640, 3)
+    assert got.shape == ref.shape == (3, 360, 640, 3)
     assert 45.0 <= psnr(got, ref) < float("inf")  # close, and really another precision
+    # int8 scales each frame to its own range: alone or batched, a frame comes out the same.
+    assert np.array_equal(np.concatenate([default.upscale(frames[i : i + 1]) for i in range(3)]), got)
+
+
+def test_int8_at_x2_tiled_and_odd_sized_stays_close_to_fp32(cpuinfo):
+    cpuinfo("cascadelake")
+    frames = _sample_frames(2)[:, :45, :81]  # odd height and width
+    for kwargs in ({"scale": 2}, {"tile": 32}):
+        got = load_upscaler("realesr-animevideov3", device="cpu", precision="int8", **kwargs).upscale(frames)
+        ref = load_upscaler("realesr-animevideov3", device="cpu", precision="fp32", **kwargs).upscale(frames)
+        assert got.shape == ref.shape and 45.0 <= psnr(got, ref) < float("inf"), kwargs
 
 
 def _events(stdout: str) -> list[dict]:
@@ -97,7 +129,7 @@ def _events(stdout: str) -> list[dict]:
 def test_a_render_runs_and_reports_the_precision_its_plan_names(tmp_path, cpuinfo):
     clip = make_clip(tmp_path / "clip.mp4", frames=4, width=32, height=18, audio=False)
     runs = {}
-    for name, flags in (("bf16", "amx"), ("fp32", "avx512_bf16")):
+    for name, flags in (("bf16", "amx"), ("int8", "cascadelake"), ("fp32", "haswell")):
         cpuinfo(flags)
         result = runner.invoke(app, ["render", str(clip), "-o", str(tmp_path / f"{name}.mp4"), "--device", "cpu",
                                      "--scale", "2", "--json"])
@@ -109,14 +141,15 @@ def test_a_render_runs_and_reports_the_precision_its_plan_names(tmp_path, cpuinf
         assert plan["features"]["precision"] == name
         assert [e["precision"] for e in loaded] == [name]  # what the loaded model runs in
     # Same clip and settings but another precision: a new segment key, nothing reused.
-    assert not any(e.get("skipped") for e in runs["fp32"])
+    assert not any(e.get("skipped") for e in runs["fp32"] + runs["int8"])
 
 
 def test_bad_precision_is_refused_before_any_job(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=18, audio=False)
     for args, env, message in (
         (["--precision", "fp16", "--device", "cpu"], {}, "fp16 does not run on the CPU"),
-        (["--precision", "int8"], {}, "'int8'"),
+        (["--precision", "int4"], {}, "'int4'"),
+        (["--precision", "int8", "--device", "cpu", "--model", "realesrgan-x4plus"], {}, "compact models only"),
         ([], {"CLIPEXPORT_PRECISION": "fp16", "CLIPEXPORT_DEVICE": "cpu"}, "fp16 does not run on the CPU"),
         ([], {"CLIPEXPORT_CPU_DTYPE": "float16", "CLIPEXPORT_DEVICE": "cpu"}, "fp16 does not run on the CPU"),
     ):

@@ -96,11 +96,12 @@ def resolve_precision(spec: JobSpec) -> str:
         if normalise(spec.precision) not in ("auto", "fp16"):
             raise UsageError(f"--precision {spec.precision}: the {spec.backend} backend runs fp16 (use auto or fp16)")
         return "fp16"
+    model = MODELS.get(spec.model)
     if spec.device.strip().lower() == "cpu":  # no torch import needed
-        return resolve(spec.precision, "cpu")
+        return resolve(spec.precision, "cpu", model=model)
     from clipexport.upscale.engine import resolve_device
 
-    return resolve(spec.precision, resolve_device(spec.device).type)
+    return resolve(spec.precision, resolve_device(spec.device).type, model=model)
 
 
 def _check_model(spec: JobSpec) -> None:

@@ -7,9 +7,10 @@ quantised to uint8 on the device: ``clamp(0, 1) * 255``, rounded, in float32,
 as the reference tool does on the host.
 
 * Precision: see :mod:`clipexport.upscale.precision` (``auto``: float16 on
-  CUDA, with ``cudnn.benchmark``; bfloat16 on CPUs with AVX512-BF16 or AMX;
-  float32 elsewhere). ``Upscaler.net`` stays the float32 network as loaded;
-  the engine runs a copy in the chosen precision.
+  CUDA, with ``cudnn.benchmark``; bfloat16 on CPUs with AMX; int8 on CPUs
+  with VNNI for the compact nets, :mod:`clipexport.upscale.int8`; float32
+  elsewhere). ``Upscaler.net`` stays the float32 network as loaded; the
+  engine runs a copy in the chosen precision.
 
 * Batches: a call runs all its frames in one forward pass when they fit the
   memory budget, else in chunks, else tile by tile.
@@ -59,7 +60,7 @@ from clipexport.upscale.weights import load_weights
 __all__ = ["Upscaler", "load_upscaler", "resolve_device", "usable_cpus"]
 
 ENV_TILE = "CLIPEXPORT_TILE"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 MEMORY_FRACTION = 0.5  # of free memory one forward pass may use
 _CL = torch.channels_last
 
@@ -130,17 +131,15 @@ class Upscaler:
         self.scale: int = scale
         self._device = torch.device(device)
         self.device: str = str(self._device)
-        self.precision: str = _precision.resolve(precision, self._device.type)
-        self.dtype: torch.dtype = DTYPES[self.precision]
+        self.precision: str = _precision.resolve(precision, self._device.type, model=spec)
+        self.dtype: torch.dtype = DTYPES[self.precision]  # the input's: int8 takes float frames
         self.weights: str = weights
         if self._device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         else:
             _configure_cpu_threads()
         self.net = net.to(device=self._device, dtype=torch.float32).eval().requires_grad_(False)
-        # What runs: `net` itself in fp32, else a copy, so `net` keeps the float32 weights.
-        run = self.net if self.dtype == torch.float32 else copy.deepcopy(self.net).to(dtype=self.dtype)
-        self._net = run.to(memory_format=_CL)
+        self._net = self._runner()
         self.multiple = input_multiple(net)
         if tile is None:
             tile = env_value(ENV_TILE)
@@ -158,6 +157,15 @@ class Upscaler:
         # activations stay closer to the caches, and 4 measured slower (bench/upscale_fps.py).
         self.default_batch = 4 if self._device.type == "cuda" else 1
         self._max_pixels = self._pixel_budget()
+
+    def _runner(self) -> nn.Module:
+        """What runs: `net` itself in fp32, else a copy or an int8 rebuild, so `net` keeps the float32 weights."""
+        if self.precision == "int8":  # resolve() allowed it: a compact net
+            from clipexport.upscale.int8 import Int8Compact
+
+            return Int8Compact(self.net)
+        run = self.net if self.dtype == torch.float32 else copy.deepcopy(self.net).to(dtype=self.dtype)
+        return run.to(memory_format=_CL)
 
     def __repr__(self) -> str:
         return f"Upscaler(model={self.model!r}, scale={self.scale}, device={self.device!r}, precision={self.precision!r})"
@@ -416,7 +424,7 @@ def load_upscaler(
     resizes the model's output; anything else raises ModelError.
     ``progress(done_bytes, total_bytes)`` reports a weights download.
     ``tile``: input tile side in pixels, 0 never tiles, None chooses.
-    ``precision``: auto, fp32, bf16 or fp16 (see :mod:`clipexport.upscale.precision`).
+    ``precision``: auto, fp32, bf16, fp16 or int8 (see :mod:`clipexport.upscale.precision`).
     """
     spec = get_spec(model)
     if scale is None:

@@ -1,35 +1,41 @@
-"""Which floating-point precision the network runs in: ``auto``, ``fp32``, ``bf16``, ``fp16``.
+"""Which precision the network runs in: ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8``.
 
-``auto`` picks what the hardware runs natively, because that is both the
-fastest and the one whose speed the ETA model knows:
+``auto`` picks what the hardware runs fastest at 45 dB PSNR or more against
+fp32 (far above what an x264 encode at crf 18 keeps):
 
 * CUDA: ``fp16`` (tensor cores; what the reference tool's ``--half`` does);
 * a CPU with AMX bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``): ``bf16``,
-  about 51 dB PSNR against fp32 on the compact nets, far above what an x264
-  encode at crf 18 keeps;
-* any other CPU: ``fp32``. That includes CPUs with only the AVX-512 bfloat16
-  dot product (``avx512_bf16``): measured on one (`bench/upscale_fps.py`,
-  quiet, 2 threads, 320x180 x4), fp32 ran 3.84 frames/s and bf16 2.26, so
-  oneDNN's bf16 convolutions pay off only with AMX.
+  about 51 dB on the compact nets;
+* a CPU with VNNI (``avx512_vnni``, ``avx_vnni``), for a model whose int8
+  quality was measured (``ModelSpec.int8``): ``int8``
+  (:mod:`clipexport.upscale.int8`), about 47 dB, and 1.6x the speed of fp32
+  on a 2-core AVX512-VNNI machine (`bench/upscale_fps.py`);
+* any other CPU, or model: ``fp32``. That includes CPUs with only the
+  AVX-512 bfloat16 dot product (``avx512_bf16``): there oneDNN's bf16
+  convolutions ran at 0.6x the speed of fp32.
 
 ``fp16`` on the CPU is refused: torch runs half-precision convolutions on the
 CPU only on a few recent chips, and several times slower than fp32 elsewhere.
+``int8`` runs on the CPU only, for the compact nets, and needs numba.
 ``bf16`` on a CPU without the instructions is allowed (it is correct, only
 slow). This module needs no torch: the CLI validates with it before any job.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
 from clipexport.errors import UsageError
+from clipexport.upscale.registry import MODELS, ModelSpec
 
-__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "normalise", "resolve"]
+__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "fast_int8", "normalise", "resolve"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 FAST_BF16_FLAGS = ("amx_bf16",)
+FAST_INT8_FLAGS = ("avx512_vnni", "avx_vnni")
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -64,16 +70,45 @@ def fast_bf16(flags: Iterable[str]) -> bool:
     return any(flag in FAST_BF16_FLAGS for flag in flags)
 
 
-def resolve(precision: str, device_type: str, flags: Iterable[str] | None = None) -> str:
-    """The precision that runs on ``device_type`` ("cpu" or "cuda"): never "auto".
+def fast_int8(flags: Iterable[str]) -> bool:
+    """Whether these CPU flags give oneDNN's int8 convolutions the VNNI dot product."""
+    return any(flag in FAST_INT8_FLAGS for flag in flags)
+
+
+def resolve(precision: str, device_type: str, flags: Iterable[str] | None = None,
+            model: ModelSpec | None = None) -> str:
+    """The precision that runs ``model`` on ``device_type`` ("cpu" or "cuda"): never "auto".
 
     ``flags`` are the CPU's feature flags (read from /proc/cpuinfo when None).
+    Without a ``model``, ``auto`` never picks int8.
     """
     name = normalise(precision)
     if device_type == "cuda":
+        if name == "int8":
+            raise UsageError("precision int8 runs on the CPU only: use auto, fp16, bf16 or fp32 on CUDA")
         return "fp16" if name == "auto" else name
     if name == "fp16":
-        raise UsageError("precision fp16 does not run on the CPU: use bf16, fp32 or auto")
+        raise UsageError("precision fp16 does not run on the CPU: use int8, bf16, fp32 or auto")
+    if name == "int8":
+        _check_int8(model)
+        return name
     if name == "auto":
-        return "bf16" if fast_bf16(cpu_flags() if flags is None else flags) else "fp32"
+        flags = cpu_flags() if flags is None else flags
+        if fast_bf16(flags):
+            return "bf16"
+        if model is not None and model.int8 and fast_int8(flags) and _numba_installed():
+            return "int8"
+        return "fp32"
     return name
+
+
+def _check_int8(model: ModelSpec | None) -> None:
+    if model is not None and model.arch != "compact":
+        compact = ", ".join(sorted(m.name for m in MODELS.values() if m.arch == "compact"))
+        raise UsageError(f"precision int8 runs the compact models only ({compact}), not {model.name}")
+    if not _numba_installed():
+        raise UsageError("precision int8 needs numba: pip install 'clipexport[local]' (or numba)")
+
+
+def _numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None

@@ -1,0 +1,166 @@
+"""The compact nets in int8 on the CPU: VNNI convolutions at about 47 dB against float32.
+
+Why not plain int8: with 8-bit activations (PyTorch's static quantisation,
+oneDNN, VNNI) ``realesr-animevideov3`` ran 3.5x as fast as float32 but at
+42 dB, under the 45 dB floor. Per-layer fake quantisation showed where it
+goes: int8 weights alone keep 47 dB; 8-bit activations alone give 42 dB,
+each of the 17 layers adding its share; ten bits would be needed.
+
+So each activation goes in as two u8 tensors: ``hi``, the value rounded to
+one step of its range, and ``lo``, what that rounding left, in steps 254
+times finer (about 16 bits in all). Each convolution runs twice on the same
+int8 weights (``hi`` with the bias, ``lo`` without) and its two float32
+outputs are summed on the way into the next; the error left is the
+weights' (47 dB). Measured on this project's 2-core AVX512-VNNI machine
+(`bench/upscale_fps.py`): two int8 passes take half the time of one float32
+convolution, and the whole net runs about 1.6x as fast as float32.
+
+* Weights: symmetric int8 per output channel; packed once for oneDNN
+  (``onednn::qconv_prepack``), which does not depend on the activations' scale.
+* Activations: the scale is each frame's own range (min and max after
+  PReLU), so nothing is calibrated, any content fits, and a frame's output
+  depends on that frame alone (segments and resumes give the same frames).
+* The first convolution takes the 8-bit frame itself (scale 1/255): exact.
+* Between convolutions, two fused numba passes (:mod:`.int8_kernels`).
+* glibc hands large blocks back to the kernel at every free, and this net
+  frees two 64-channel outputs per layer: page faults cost a quarter of its
+  time. :func:`keep_freed_memory` raises glibc's thresholds so they are reused.
+
+Only for :class:`~clipexport.upscale.archs.SRVGGNetCompact`; needs numba
+(the ``local`` extra).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from clipexport import config
+from clipexport.upscale.archs import SRVGGNetCompact
+
+__all__ = ["Int8Compact", "available", "keep_freed_memory"]
+
+_ONE = [1, 1]
+_CL = torch.channels_last
+KEEP_FREED_BYTES = 1 << 30  # glibc: blocks up to this size come from (and go back to) the heap
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_lock = threading.Lock()  # numba's fallback thread pool must not be entered from two threads at once
+
+
+def available() -> bool:
+    """Whether this install can run int8: numba imports, and torch has oneDNN's quantised convolutions."""
+    try:
+        _kernels()
+    except ImportError:
+        return False
+    return hasattr(torch.ops.onednn, "qconv2d_pointwise")
+
+
+def _kernels():
+    """The numba kernels, compiled once per machine into clipexport's cache (``<cache>/numba``)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(config.cache_dir() / "numba"))
+    from clipexport.upscale import int8_kernels
+
+    return int8_kernels
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks up to KEEP_FREED_BYTES for reuse (False where not glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class _Conv:
+    packed: torch.Tensor
+    scales: torch.Tensor  # per output channel
+    zero_points: torch.Tensor
+    bias: torch.Tensor
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> _Conv:
+        w = conv.weight.detach().float()
+        scales = (w.abs().amax(dim=(1, 2, 3)) / 127).clamp_min(1e-12)
+        q = torch.clamp(torch.round(w / scales[:, None, None, None]), -127, 127).to(torch.int8)
+        packed = torch.ops.onednn.qconv_prepack(q, scales, 1.0, 0, _ONE, _ONE, _ONE, 1, None)
+        return cls(packed, scales, torch.zeros(len(scales), dtype=torch.long), conv.bias.detach().float())
+
+    def __call__(self, u8: torch.Tensor, scale: float, zero_point: int, *, bias: bool = True) -> torch.Tensor:
+        """float32 output (channels_last) of the convolution of u8 codes meaning ``scale * (u8 - zero_point)``."""
+        return torch.ops.onednn.qconv2d_pointwise(
+            u8, scale, zero_point, self.packed, self.scales, self.zero_points, self.bias if bias else None,
+            _ONE, _ONE, _ONE, 1, 1.0, 0, torch.float32, "none", [], "")
+
+
+class Int8Compact(nn.Module):
+    """``net`` (an SRVGGNetCompact) with int8 weights and two-part u8 activations; float in, float out."""
+
+    def __init__(self, net: SRVGGNetCompact) -> None:
+        super().__init__()
+        self._k = _kernels()
+        import numba
+
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        layers = list(net.body)
+        self._convs = [_Conv.of(conv) for conv in layers[0::2]]
+        self._slopes = [prelu.weight.detach().float().contiguous().numpy() for prelu in layers[1::2]]
+        self.upscale = net.upscale
+        self._range = np.empty((self._k.CHUNKS, 2), np.float32)
+        keep_freed_memory()
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compile the kernels now (about 3 s the first time on a machine; then read from the cache),
+        so that the model's load, not its first frame, takes that time."""
+        tiny = torch.zeros((1, len(self._slopes[0]), 1, 1)).contiguous(memory_format=_CL)
+        with _lock:
+            self._split(tiny, tiny, self._slopes[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: (N, 3, H, W) float in [0, 1], as the float net takes it (values k/255).
+
+        Frame by frame: each frame's activations are scaled to its own range,
+        so a frame comes out the same whatever it was batched with.
+        """
+        if len(x) > 1:
+            return torch.cat([self(x[i : i + 1]) for i in range(len(x))])
+        frame = torch.empty(x.shape, dtype=torch.uint8, memory_format=_CL)
+        frame.copy_(x.mul(255.0).round_())
+        hi, lo = self._convs[0](frame, 1 / 255, 0), None
+        with _lock:
+            for conv, slopes in zip(self._convs[1:], self._slopes):
+                q_hi, q_lo, scale, zero_point = self._split(hi, lo, slopes)
+                hi = conv(q_hi, scale, zero_point)
+                lo = conv(q_lo, scale / self._k.LO_STEPS, 128, bias=False)
+        out = F.pixel_shuffle(hi.add_(lo), self.upscale)
+        return out + F.interpolate(x, scale_factor=self.upscale, mode="nearest")
+
+    def _split(self, hi: torch.Tensor, lo: torch.Tensor | None, slopes: np.ndarray):
+        """prelu(hi + lo) as two u8 tensors, with the high part's scale and zero point."""
+        h, low = _pixels(hi), _pixels(lo) if lo is not None else None
+        self._k.feature_range(h, h if low is None else low, low is not None, slopes, self._range)
+        least, most = float(self._range[:, 0].min()), float(self._range[:, 1].max())
+        scale = max(most - least, 1e-8) / 254  # one spare step: rounding never needs a 256th code
+        zero_point = min(255, max(0, round(-least / scale)))
+        q_hi = torch.empty(hi.shape, dtype=torch.uint8, memory_format=_CL)
+        q_lo = torch.empty(hi.shape, dtype=torch.uint8, memory_format=_CL)
+        self._k.split(h, h if low is None else low, low is not None, slopes, scale, float(zero_point),
+                      _pixels(q_hi), _pixels(q_lo))
+        return q_hi, q_lo, scale, zero_point
+
+
+def _pixels(t: torch.Tensor) -> np.ndarray:
+    """A channels_last (N, C, H, W) tensor's memory as a (N*H*W, C) array, no copy."""
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).view(n * h * w, c).numpy()  # view: raises rather than copy
