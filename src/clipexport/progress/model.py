@@ -198,8 +198,10 @@ class TimingModel:
         `cpu|realesr-animevideov3` cells, `cpu_threads` (2) and
         `load_model.local|cpu` (the weights' read, without the probe) were
         set from real renders on a 2-core machine (the sample clip at x2; 48
-        frames of 320x180 at x4 from `bench/upscale_fps.py`); keep them when
-        refitting.
+        frames of 320x180 at x4 from `bench/upscale_fps.py`), in fp32;
+        `upscale.precision` `cpu|int8` is log(int8's time / fp32's) for the
+        whole upscale phase (decode and encode included) of 240 frames of
+        160x96 at x2 and x4, same machine; keep them when refitting.
         """
         text = resources.files("clipexport.progress").joinpath("default_model.json").read_text(encoding="utf-8")
         return cls(json.loads(text))
@@ -354,6 +356,7 @@ class TimingModel:
             return TimingModel({"upscale": fallback}).spf(features)
         if gpu in gpus:
             mu += float(gpus[gpu]) + _cpu_threads_term(sec, gpu, features) + cpu_load_term(features)
+            mu += float((sec.get("precision") or {}).get(f"{gpu}|{features.get('precision')}", 0.0))
         else:
             known = False
             mu += float(sec.get("generic_gpu", 0.0))
