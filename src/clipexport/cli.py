@@ -295,8 +295,9 @@ def render(
     device: Annotated[Optional[str], typer.Option(metavar="auto|cpu|cuda", rich_help_panel=MODEL,
                                                   help="Where the local backend upscales.")] = None,
     precision: Annotated[Optional[str], typer.Option(
-        metavar="auto|fp32|bf16|fp16", rich_help_panel=MODEL,
-        help="auto (default): fp16 on CUDA, bf16 on CPUs with AMX, else fp32.")] = None,
+        metavar="auto|fp32|bf16|fp16|int8", rich_help_panel=MODEL,
+        help="auto (default): fp16 on CUDA, bf16 on CPUs with AMX, int8 on CPUs with VNNI "
+             "(realesr-animevideov3), else fp32.")] = None,
     segment_frames: Annotated[Optional[int], typer.Option(metavar="N", rich_help_panel=MODEL,
                                                           help="Frames per segment, the unit of work and resume.")] = None,
     backend: Annotated[Optional[str], typer.Option(metavar="local|modal", rich_help_panel=CLOUD,
