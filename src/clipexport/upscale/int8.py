@@ -143,8 +143,13 @@ class Int8Compact(nn.Module):
                 q_hi, q_lo, scale, zero_point = self._split(hi, lo, slopes)
                 hi = conv(q_hi, scale, zero_point)
                 lo = conv(q_lo, scale / self._k.LO_STEPS, 128, bias=False)
-        out = F.pixel_shuffle(hi.add_(lo), self.upscale)
-        return out + F.interpolate(x, scale_factor=self.upscale, mode="nearest")
+        return F.pixel_shuffle(self._plus_nearest(hi.add_(lo), x), self.upscale)
+
+    def _plus_nearest(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the input, before the pixel shuffle: the float net adds the input upsampled
+        (nearest) after it, the same sums on 16x the pixels, and the upsampling alone took 3 % of a frame."""
+        y.unflatten(1, (x.shape[1], self.upscale**2)).add_(x.unsqueeze(2))
+        return y
 
     def _split(self, hi: torch.Tensor, lo: torch.Tensor | None, slopes: np.ndarray):
         """prelu(hi + lo) as two u8 tensors, with the high part's scale and zero point."""
