@@ -8,7 +8,8 @@ fp32 (far above what an x264 encode at crf 18 keeps):
   about 51 dB on the compact nets;
 * a CPU with VNNI (``avx512_vnni``, ``avx_vnni``), for a model whose int8
   quality was measured (``ModelSpec.int8``): ``int8``
-  (:mod:`clipexport.upscale.int8`), about 47 dB, and 1.6x the speed of fp32
+  (:mod:`clipexport.upscale.int8`), 47 dB on the sample clip (40 on a frame
+  of small text), and 1.6x the speed of fp32
   on a 2-core AVX512-VNNI machine (`bench/upscale_fps.py`);
 * any other CPU, or model: ``fp32``. That includes CPUs with only the
   AVX-512 bfloat16 dot product (``avx512_bf16``): there oneDNN's bf16
