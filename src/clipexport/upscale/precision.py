@@ -1,7 +1,7 @@
 """Which precision the network runs in: ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8``.
 
 ``auto`` picks what the hardware runs fastest at 45 dB PSNR or more against
-fp32 (far above what an x264 encode at crf 18 keeps):
+fp32 on the sample clip (far above what an x264 encode at crf 18 keeps):
 
 * CUDA: ``fp16`` (tensor cores; what the reference tool's ``--half`` does);
 * a CPU with AMX bfloat16 tiles (``amx_bf16`` in ``/proc/cpuinfo``): ``bf16``,
