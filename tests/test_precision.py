@@ -113,9 +113,9 @@ def test_the_default_precision_keeps_45_db_on_a_real_clip(cpuinfo, flags, expect
     assert np.array_equal(np.concatenate([default.upscale(frames[i : i + 1]) for i in range(3)]), got)
 
 
-def test_int8_on_its_weakest_content_small_sharp_text_stays_near_40_db():
-    """int8's error is its weights', and it grows with sharp high-contrast detail: a frame of
-    small text is where it is weakest (40 dB at this writing; the sample clip keeps 46.8)."""
+def test_int8_keeps_45_db_on_a_frame_of_small_sharp_text():
+    """Sharp high-contrast detail is where int8 weights err most: rounded to the nearest step
+    this frame got 40 dB; rounded by GPTQ (upscale/int8_weights.py) it keeps the floor."""
     from PIL import Image, ImageDraw, ImageFont
 
     im = Image.new("RGB", (160, 90), (20, 30, 60))
@@ -125,7 +125,7 @@ def test_int8_on_its_weakest_content_small_sharp_text_stays_near_40_db():
     frame = np.array(im)[None]
     got = load_upscaler("realesr-animevideov3", device="cpu", precision="int8").upscale(frame)
     ref = load_upscaler("realesr-animevideov3", device="cpu", precision="fp32").upscale(frame)
-    assert 38.0 <= psnr(got, ref) < float("inf")
+    assert 45.0 <= psnr(got, ref) < float("inf")
 
 
 def test_int8_at_x2_tiled_and_odd_sized_stays_close_to_fp32(cpuinfo):

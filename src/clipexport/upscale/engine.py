@@ -163,7 +163,7 @@ class Upscaler:
         if self.precision == "int8":  # resolve() allowed it: a compact net
             from clipexport.upscale.int8 import Int8Compact
 
-            return Int8Compact(self.net)
+            return Int8Compact(self.net, self.model)
         run = self.net if self.dtype == torch.float32 else copy.deepcopy(self.net).to(dtype=self.dtype)
         return run.to(memory_format=_CL)
 

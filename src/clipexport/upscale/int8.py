@@ -1,4 +1,4 @@
-"""The compact nets in int8 on the CPU: VNNI convolutions at about 47 dB against float32.
+"""The compact nets in int8 on the CPU: VNNI convolutions at 47-52 dB PSNR against float32.
 
 Why not plain int8: with 8-bit activations (PyTorch's static quantisation,
 oneDNN, VNNI) ``realesr-animevideov3`` ran 3.5x as fast as float32 but at
@@ -11,13 +11,15 @@ one step of its range, and ``lo``, what that rounding left, in steps 254
 times finer (about 16 bits in all). Each convolution runs twice on the same
 int8 weights (``hi`` with the bias, ``lo`` without) and its two float32
 outputs are summed on the way into the next; the error left is the
-weights': 47 dB on the sample clip, less on sharp high-contrast detail
-(40 dB on a frame of small text), where int8 weights err most. Measured on this project's 2-core AVX512-VNNI machine
+weights', which GPTQ keeps small (:mod:`.int8_weights`): 52 dB on the
+sample clip, 47 dB on a frame of small text (sharp detail is where int8
+weights err most; rounded to the nearest step, 47 and 40 dB). Measured on this project's 2-core AVX512-VNNI machine
 (`bench/upscale_fps.py`): two int8 passes take half the time of one float32
 convolution, and the whole net runs about 1.6x as fast as float32.
 
-* Weights: symmetric int8 per output channel; packed once for oneDNN
-  (``onednn::qconv_prepack``), which does not depend on the activations' scale.
+* Weights: symmetric int8 per output channel, rounded by GPTQ
+  (:mod:`.int8_weights`); packed once for oneDNN (``onednn::qconv_prepack``),
+  which does not depend on the activations' scale.
 * Activations: the scale is each frame's own range (min and max after
   PReLU), so nothing is calibrated, any content fits, and a frame's output
   depends on that frame alone (segments and resumes give the same frames).
@@ -44,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from clipexport import config
+from clipexport.upscale import int8_weights
 from clipexport.upscale.archs import SRVGGNetCompact
 
 __all__ = ["Int8Compact", "available", "keep_freed_memory"]
@@ -90,11 +93,9 @@ class _Conv:
     bias: torch.Tensor
 
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> _Conv:
-        w = conv.weight.detach().float()
-        scales = (w.abs().amax(dim=(1, 2, 3)) / 127).clamp_min(1e-12)
-        q = torch.clamp(torch.round(w / scales[:, None, None, None]), -127, 127).to(torch.int8)
-        packed = torch.ops.onednn.qconv_prepack(q, scales, 1.0, 0, _ONE, _ONE, _ONE, 1, None)
+    def of(cls, conv: nn.Conv2d, codes: torch.Tensor, scales: torch.Tensor) -> _Conv:
+        """``conv`` with its weights as int8 ``codes`` times per-output-channel ``scales``."""
+        packed = torch.ops.onednn.qconv_prepack(codes, scales, 1.0, 0, _ONE, _ONE, _ONE, 1, None)
         return cls(packed, scales, torch.zeros(len(scales), dtype=torch.long), conv.bias.detach().float())
 
     def __call__(self, u8: torch.Tensor, scale: float, zero_point: int, *, bias: bool = True) -> torch.Tensor:
@@ -107,14 +108,16 @@ class _Conv:
 class Int8Compact(nn.Module):
     """``net`` (an SRVGGNetCompact) with int8 weights and two-part u8 activations; float in, float out."""
 
-    def __init__(self, net: SRVGGNetCompact) -> None:
+    def __init__(self, net: SRVGGNetCompact, name: str) -> None:
+        """``name``: the model's, for the cache of its rounded weights (:mod:`.int8_weights`)."""
         super().__init__()
         self._k = _kernels()
         import numba
 
         numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
         layers = list(net.body)
-        self._convs = [_Conv.of(conv) for conv in layers[0::2]]
+        convs = layers[0::2]
+        self._convs = [_Conv.of(conv, *w) for conv, w in zip(convs, int8_weights.rounded(net, convs, name))]
         self._slopes = [prelu.weight.detach().float().contiguous().numpy() for prelu in layers[1::2]]
         self.upscale = net.upscale
         self._range = np.empty((self._k.CHUNKS, 2), np.float32)

@@ -8,7 +8,7 @@ fp32 on the sample clip (far above what an x264 encode at crf 18 keeps):
   about 51 dB on the compact nets;
 * a CPU with VNNI (``avx512_vnni``, ``avx_vnni``), for a model whose int8
   quality was measured (``ModelSpec.int8``): ``int8``
-  (:mod:`clipexport.upscale.int8`), 47 dB on the sample clip (40 on a frame
+  (:mod:`clipexport.upscale.int8`), 52 dB on the sample clip (47 on a frame
   of small text), and 1.6x the speed of fp32
   on a 2-core AVX512-VNNI machine (`bench/upscale_fps.py`);
 * any other CPU, or model: ``fp32``. That includes CPUs with only the

@@ -84,7 +84,7 @@ MODELS: dict[str, ModelSpec] = {
             size_bytes=2_504_012,
             arch_kwargs={"num_feat": 64, "num_conv": 16, "upscale": 4},
             offline="REALESRGAN_ANIMAVIDEOV3_UP4X",
-            int8=True,  # 46.8 dB on the sample clip, 47.1 on bench/upscale_fps.py's (tests/test_precision.py)
+            int8=True,  # 52 dB on the sample clip, 47 on a frame of small text (tests/test_precision.py)
         ),
         ModelSpec(
             name="realesr-general-x4v3",

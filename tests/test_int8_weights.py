@@ -1,0 +1,64 @@
+"""The int8 weights' rounding (GPTQ on synthetic calibration frames) and its cache."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from clipexport import config
+from clipexport.upscale import int8_weights, load_upscaler
+
+
+def _anime():
+    net = load_upscaler("realesr-animevideov3", device="cpu", precision="fp32").net
+    return net, list(net.body)[0::2]
+
+
+def test_gptq_leaves_less_output_error_than_rounding_each_weight_alone():
+    """On the calibration inputs of a middle layer, ||(W - Wq) X|| is smaller for GPTQ's codes."""
+    net, convs = _anime()
+    conv = convs[8]
+    seen = []
+    handle = conv.register_forward_pre_hook(lambda _m, inp: seen.append(F.unfold(inp[0], 3, padding=1)[0]))
+    with torch.inference_mode():
+        for frame in int8_weights.calibration_frames():
+            net(frame)
+    handle.remove()
+    x = torch.cat(seen, dim=1)
+    w = conv.weight.detach().float().reshape(conv.weight.shape[0], -1)
+    codes, scales = int8_weights._gptq(conv.weight.detach().float(), x @ x.T)
+    gptq = codes.float().reshape(w.shape) * scales[:, None]
+    nearest = torch.clamp(torch.round(w / scales[:, None]), -127, 127) * scales[:, None]
+    err = {name: float(((w - q) @ x).pow(2).sum()) for name, q in (("gptq", gptq), ("nearest", nearest))}
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert err["gptq"] < 0.5 * err["nearest"], err
+
+
+def test_the_rounded_weights_are_computed_once_and_then_read_from_the_cache(monkeypatch):
+    net, convs = _anime()
+    first = int8_weights.rounded(net, convs, "realesr-animevideov3")
+    files = list((config.cache_dir() / "int8").glob("realesr-animevideov3-*-gptq1.npz"))
+    assert len(files) == 1 and len(first) == len(convs) == 18
+
+    def fail(*_args):
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(int8_weights, "_compute", fail)
+    again = int8_weights.rounded(net, convs, "realesr-animevideov3")
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+
+
+def test_a_damaged_cache_file_is_computed_again_and_replaced():
+    net, convs = _anime()
+    first = int8_weights.rounded(net, convs, "realesr-animevideov3")
+    (path,) = (config.cache_dir() / "int8").glob("realesr-animevideov3-*.npz")
+    path.write_bytes(b"not a zip")
+    again = int8_weights.rounded(net, convs, "realesr-animevideov3")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+    assert path.stat().st_size > 100_000  # written whole again
+
+
+def test_the_calibration_frames_are_the_same_every_time():
+    a, b = int8_weights.calibration_frames(), int8_weights.calibration_frames()
+    assert len(a) == int8_weights.CALIBRATION_FRAMES
+    assert all(torch.equal(x, y) and x.shape == (1, 3, 128, 128) for x, y in zip(a, b))
