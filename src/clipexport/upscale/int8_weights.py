@@ -16,7 +16,8 @@ all frames the calibration never saw.
   each convolution sees in the float32 net, 1024 random pixels per frame
   (a fixed seed).
 * Cache: ``<cache>/int8/<model>-<sha256 of the weights>-<METHOD>.npz``,
-  written atomically; about 2 s to compute where it is missing. A new
+  written atomically; about 4 s to compute where it is missing (on 2 cores,
+  mostly ``H``). A new
   rounding method gets a new ``METHOD`` and so a new file.
 """
 
