@@ -24,11 +24,11 @@ def test_gptq_leaves_less_output_error_than_rounding_each_weight_alone():
         for frame in int8_weights.calibration_frames():
             net(frame)
     handle.remove()
-    x = torch.cat(seen, dim=1)
-    w = conv.weight.detach().float().reshape(conv.weight.shape[0], -1)
+    x = torch.cat(seen, dim=1).double()
+    w = conv.weight.detach().double().reshape(conv.weight.shape[0], -1)
     codes, scales = int8_weights._gptq(conv.weight.detach().float(), x @ x.T)
-    gptq = codes.float().reshape(w.shape) * scales[:, None]
-    nearest = torch.clamp(torch.round(w / scales[:, None]), -127, 127) * scales[:, None]
+    gptq = codes.double().reshape(w.shape) * scales.double()[:, None]
+    nearest = torch.clamp(torch.round(w / scales.double()[:, None]), -127, 127) * scales.double()[:, None]
     err = {name: float(((w - q) @ x).pow(2).sum()) for name, q in (("gptq", gptq), ("nearest", nearest))}
     assert codes.dtype == torch.int8 and codes.abs().max() <= 127
     assert err["gptq"] < 0.5 * err["nearest"], err
