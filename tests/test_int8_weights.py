@@ -61,6 +61,19 @@ def test_a_damaged_cache_file_is_computed_again_and_replaced():
         assert np.array_equal(kept["q17"], fresh[17][0].numpy())
 
 
+def test_the_codes_do_not_depend_on_the_nets_memory_format():
+    """An fp32 Upscaler's net is channels_last, an int8 one's is not: both must give the same codes
+    (oneDNN's calibration pass rounds differently in each layout; CI saw the cache and a recomputation differ)."""
+    net, convs = _anime()
+    plain = load_upscaler("realesr-animevideov3", device="cpu", precision="fp32", tile=0).net
+    plain = plain.to(memory_format=torch.contiguous_format)
+    assert convs[5].weight.is_contiguous(memory_format=torch.channels_last)
+    assert plain.body[10].weight.is_contiguous()
+    a = int8_weights._compute(net, convs)
+    b = int8_weights._compute(plain, list(plain.body)[0::2])
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
 def test_the_calibration_frames_are_the_same_every_time():
     a, b = int8_weights.calibration_frames(), int8_weights.calibration_frames()
     assert len(a) == int8_weights.CALIBRATION_FRAMES

@@ -26,6 +26,7 @@ all frames the calibration never saw.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import tempfile
@@ -64,7 +65,12 @@ def rounded(net: nn.Module, convs: list[nn.Conv2d], name: str) -> list[tuple[tor
 
 
 def _compute(net: nn.Module, convs: list[nn.Conv2d]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    hessians = _input_correlations(net, convs)
+    """GPTQ on a private float32 NCHW copy of ``net``: oneDNN computes a channels_last net's
+    calibration pass with other roundings, and GPTQ would turn those into other codes."""
+    names = {id(module): name for name, module in net.named_modules()}
+    canonical = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format)
+    convs = [canonical.get_submodule(names[id(conv)]) for conv in convs]
+    hessians = _input_correlations(canonical, convs)
     return [_gptq(conv.weight.detach().float(), h) for conv, h in zip(convs, hessians)]
 
 
