@@ -50,7 +50,7 @@ from clipexport.config import cache_dir  # noqa: E402
 from clipexport.upscale import MODELS, load_upscaler  # noqa: E402
 from clipexport.upscale.archs import build  # noqa: E402
 from clipexport.upscale.ncnn import find_offline  # noqa: E402
-from clipexport.upscale.int8 import available as int8_available  # noqa: E402
+from clipexport.errors import UsageError  # noqa: E402
 from clipexport.upscale.precision import resolve  # noqa: E402
 
 FPS = 24
@@ -169,6 +169,14 @@ def psnr(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
+def _int8_if_it_runs(spec) -> tuple[str, ...]:
+    """("int8",) where clipexport runs this model in int8 on this install (a compact net, numba), else ()."""
+    try:
+        return (resolve("int8", "cpu", model=spec),)
+    except UsageError:
+        return ()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=8)
@@ -193,7 +201,7 @@ def main() -> None:
     spec = MODELS[args.model]
     default = resolve("auto", "cpu", model=spec)
     # Every precision this model runs on a CPU, whichever auto picks: the table shows why it picks it.
-    precisions = ("fp32", "bf16", "int8") if spec.arch == "compact" and int8_available() else ("fp32", "bf16")
+    precisions = ("fp32", "bf16", *_int8_if_it_runs(spec))
     ups = {p: load_upscaler(args.model, device="cpu", precision=p, tile=0) for p in precisions}
 
     def row(p: str, b: int) -> str:

@@ -47,7 +47,7 @@ def probe_speed(
         if sum(runs) >= PROBE_BUDGET_S:  # a slow CPU gets fewer runs
             break
     best, median = min(runs), sorted(runs)[len(runs) // 2]
-    # The plan's name for it (fp32, bf16, fp16), so a kept probe matches the next plan's features.
+    # The plan's name for it (fp32, bf16, fp16, int8), so a kept probe matches the next plan's features.
     precision = getattr(upscaler, "precision", None) or str(getattr(upscaler, "dtype", "")).removeprefix("torch.")
     return {
         "s_per_px": best / float(width * height),

@@ -49,22 +49,13 @@ from clipexport import config
 from clipexport.upscale import int8_weights
 from clipexport.upscale.archs import SRVGGNetCompact
 
-__all__ = ["Int8Compact", "available", "keep_freed_memory"]
+__all__ = ["Int8Compact", "keep_freed_memory"]
 
 _ONE = [1, 1]
 _CL = torch.channels_last
 KEEP_FREED_BYTES = 1 << 30  # glibc: blocks up to this size come from (and go back to) the heap
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 _lock = threading.Lock()  # numba's fallback thread pool must not be entered from two threads at once
-
-
-def available() -> bool:
-    """Whether this install can run int8: numba imports, and torch has oneDNN's quantised convolutions."""
-    try:
-        _kernels()
-    except ImportError:
-        return False
-    return hasattr(torch.ops.onednn, "qconv2d_pointwise")
 
 
 def _kernels():
@@ -75,14 +66,14 @@ def _kernels():
     return int8_kernels
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed blocks up to KEEP_FREED_BYTES for reuse (False where not glibc)."""
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks up to KEEP_FREED_BYTES for reuse (nothing where libc is not glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+        libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
     except (OSError, AttributeError):
-        return False
+        return
 
 
 @dataclass(frozen=True)
@@ -157,15 +148,15 @@ class Int8Compact(nn.Module):
 
     def _split(self, hi: torch.Tensor, lo: torch.Tensor | None, slopes: np.ndarray):
         """prelu(hi + lo) as two u8 tensors, with the high part's scale and zero point."""
-        h, low = _pixels(hi), _pixels(lo) if lo is not None else None
-        self._k.feature_range(h, h if low is None else low, low is not None, slopes, self._range)
+        h = _pixels(hi)
+        low, has_lo = (_pixels(lo), True) if lo is not None else (h, False)  # the kernels take an array either way
+        self._k.feature_range(h, low, has_lo, slopes, self._range)
         least, most = float(self._range[:, 0].min()), float(self._range[:, 1].max())
         scale = max(most - least, 1e-8) / 254  # one spare step: rounding never needs a 256th code
         zero_point = min(255, max(0, round(-least / scale)))
         q_hi = torch.empty(hi.shape, dtype=torch.uint8, memory_format=_CL)
         q_lo = torch.empty(hi.shape, dtype=torch.uint8, memory_format=_CL)
-        self._k.split(h, h if low is None else low, low is not None, slopes, scale, float(zero_point),
-                      _pixels(q_hi), _pixels(q_lo))
+        self._k.split(h, low, has_lo, slopes, scale, float(zero_point), _pixels(q_hi), _pixels(q_lo))
         return q_hi, q_lo, scale, zero_point
 
 
