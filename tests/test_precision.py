@@ -159,6 +159,22 @@ def test_a_render_runs_and_reports_the_precision_its_plan_names(tmp_path, cpuinf
     assert not any(e.get("skipped") for e in runs["fp32"] + runs["int8"])
 
 
+def test_the_first_int8_render_on_a_machine_says_so_in_its_plan(tmp_path, cpuinfo, monkeypatch):
+    """`int8_first`: the ETA's load prior then includes rounding the weights (and compiling the kernels)."""
+    cpuinfo("cascadelake")
+    monkeypatch.setenv("CLIPEXPORT_CACHE_DIR", str(tmp_path / "fresh-cache"))  # nothing rounded here yet
+    clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=18, audio=False)
+    plans = []
+    for name in ("first", "second"):
+        result = runner.invoke(app, ["render", str(clip), "-o", str(tmp_path / f"{name}.mp4"), "--device", "cpu",
+                                     "--scale", "2", "--json"])
+        assert result.exit_code == 0, result.stderr
+        plans.append(_events(result.stdout)[0]["features"])
+    assert plans[0]["precision"] == "int8" and plans[0].get("int8_first") is True
+    assert "int8_first" not in plans[1]
+    assert list((tmp_path / "fresh-cache" / "int8").glob("realesr-animevideov3-*-gptq1.npz"))
+
+
 def test_bad_precision_is_refused_before_any_job(tmp_path, monkeypatch):
     clip = make_clip(tmp_path / "clip.mp4", frames=2, width=32, height=18, audio=False)
     for args, env, message in (

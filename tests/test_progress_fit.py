@@ -240,3 +240,14 @@ def test_the_builtin_cpu_load_is_the_weights_then_the_probe_at_the_jobs_frame_si
     assert probe_seconds(0.05) == pytest.approx(0.05 * 4) and probe_seconds(2.0) == pytest.approx(2.0 * 2)
     gpu = {**f, "gpu": "L4", "in_width": 160, "in_height": 90}
     assert model.load_time(gpu).mean() == model.load_time({**gpu, "in_width": 854, "in_height": 480}).mean()
+
+
+def test_the_builtin_cpu_load_includes_preparing_int8_the_first_time():
+    """A plan whose load will round the weights and compile the kernels (`int8_first`) waits 7.5 s more on 2 cores."""
+    model = TimingModel.default()
+    f = {"backend": "local", "gpu": "cpu", "model": "realesr-animevideov3", "scale": 2, "threads": 2,
+         "precision": "int8", "in_width": 160, "in_height": 90}
+    ready, first = model.load_time(f).mean(), model.load_time({**f, "int8_first": True}).mean()
+    assert first - ready == pytest.approx(7.5)
+    assert model.load_time({**f, "int8_first": True, "threads": 8}).mean() - model.load_time(
+        {**f, "threads": 8}).mean() == pytest.approx(7.5 / 4)

@@ -51,6 +51,7 @@ from clipexport.storage import ProgressChannel, Storage, hash_file
 from clipexport.validate import OUTPUT_SUFFIXES, check_encoder, check_name_length, check_spec, hidden_name
 from clipexport.transfers import SegmentDownloader, upload_inputs
 from clipexport.upscale.cpu import busy_elsewhere, usable_cpus
+from clipexport.upscale.precision import int8_prepared
 from clipexport.upscale.registry import MODELS
 from clipexport.worker import SegmentTask, fragment_prefix, fragments_beside, scratch_path, segment_key
 
@@ -216,6 +217,8 @@ def build_plan(prepared: Prepared, *, input_bytes: int, backend: str, device: st
         busy = busy_elsewhere()
         if busy is not None:
             features["cpu_busy"] = round(busy, 1)
+        if prepared.precision == "int8" and not int8_prepared(spec.model):
+            features["int8_first"] = True  # its load rounds the weights and compiles the kernels first
     # inputs and output name the job for the display's header (extra fields: the contract allows them)
     return {"type": "plan", "phases": phases, "features": features,
             "inputs": list(spec.inputs), "output": spec.output}

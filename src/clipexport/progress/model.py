@@ -318,10 +318,10 @@ class TimingModel:
         160x90 clip on 2 cores, seconds at 480p. A model fitted from the
         user's own jobs has no `local|cpu` entry: its load times are real.
         """
-        key = ("load", "local|cpu", *(str(features.get(k)) for k in _PROBE_FEATURES))
+        key = ("load", "local|cpu", *(str(features.get(k)) for k in (*_PROBE_FEATURES, "int8_first")))
         dist = self._dists.get(key)  # asked on every snapshot: the shift is fixed for a job
         if dist is None:
-            shift = probe_seconds(math.exp(self.spf(features)[0]))
+            shift = probe_seconds(math.exp(self.spf(features)[0])) + _int8_first_s(features)
             dist = self._dists[key] = Dist([q + shift for q in base])
         return dist
 
@@ -415,6 +415,17 @@ def _cpu_threads_term(sec: Mapping[str, Any], gpu: str, features: Mapping[str, A
     """
     ref, threads = _positive(sec.get("cpu_threads")), _positive(features.get("threads"))
     return math.log(ref / threads) if gpu == "cpu" and ref and threads else 0.0
+
+
+INT8_FIRST_S = 7.5  # seconds, on 2 cores: GPTQ rounds the weights (4.2 s) and numba compiles the kernels (3.3 s)
+
+
+def _int8_first_s(features: Mapping[str, Any]) -> float:
+    """The first int8 load's one-off work on this machine (`int8_first` in the plan); it goes with the cores."""
+    if not features.get("int8_first"):
+        return 0.0
+    threads = _positive(features.get("threads"))
+    return INT8_FIRST_S * (2.0 / threads if threads else 1.0)
 
 
 def _probe_speed(probe: Mapping[str, Any], features: Mapping[str, Any]) -> float | None:

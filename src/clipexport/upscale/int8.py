@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipexport import config
 from clipexport.upscale import int8_weights
+from clipexport.upscale.precision import int8_caches
 from clipexport.upscale.archs import SRVGGNetCompact
 
 __all__ = ["Int8Compact", "keep_freed_memory"]
@@ -60,7 +60,7 @@ _lock = threading.Lock()  # numba's fallback thread pool must not be entered fro
 
 def _kernels():
     """The numba kernels, compiled once per machine into clipexport's cache (``<cache>/numba``)."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(config.cache_dir() / "numba"))
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(int8_caches()[1]))
     from clipexport.upscale import int8_kernels
 
     return int8_kernels

@@ -18,10 +18,10 @@ all frames the calibration never saw.
 * ``H`` and the rounding in float64: in float32, GPTQ's error feedback
   turned summation-order noise into 129 different codes (of 619,200)
   between 1 and 2 threads; in float64, none.
-* Cache: ``<cache>/int8/<model>-<sha256 of the weights>-<METHOD>.npz``,
+* Cache: ``<cache>/int8/<model>-<sha256 of the weights>-<INT8_METHOD>.npz``,
   written atomically; about 4 s to compute where it is missing (on 2 cores,
   mostly ``H``). A new
-  rounding method gets a new ``METHOD`` and so a new file.
+  rounding method gets a new ``precision.INT8_METHOD`` and so a new file.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from clipexport import config
+from clipexport.upscale.precision import INT8_METHOD, int8_caches
 
-__all__ = ["METHOD", "rounded"]
+__all__ = ["rounded"]
 
-METHOD = "gptq1"
 CALIBRATION_FRAMES = 6
 CALIBRATION_SIZE = (128, 128)  # width, height
 PIXELS_PER_FRAME = 1024
@@ -53,7 +52,7 @@ def rounded(net: nn.Module, convs: list[nn.Conv2d], name: str) -> list[tuple[tor
     """(int8 weights, per-output-channel scales) of each of ``convs`` (layers of ``net``): cached, else computed."""
     state = net.state_dict()  # all of it: biases and PReLU slopes shape the calibration's activations
     digest = hashlib.sha256(b"".join(state[k].detach().float().numpy().tobytes() for k in sorted(state))).hexdigest()
-    path = config.cache_dir() / "int8" / f"{name}-{digest[:16]}-{METHOD}.npz"
+    path = int8_caches()[0] / f"{name}-{digest[:16]}-{INT8_METHOD}.npz"
     try:
         with np.load(path) as kept:
             return [(torch.from_numpy(kept[f"q{i}"]), torch.from_numpy(kept[f"s{i}"])) for i in range(len(convs))]

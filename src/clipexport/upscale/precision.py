@@ -25,19 +25,23 @@ slow). This module needs no torch: the CLI validates with it before any job.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from clipexport import config
 from clipexport.errors import UsageError
 from clipexport.upscale.registry import MODELS, ModelSpec
 
-__all__ = ["PRECISIONS", "cpu_flags", "fast_bf16", "fast_int8", "normalise", "resolve"]
+__all__ = ["INT8_METHOD", "PRECISIONS", "cpu_flags", "fast_bf16", "fast_int8", "int8_caches", "int8_prepared",
+           "normalise", "resolve"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 FAST_BF16_FLAGS = ("amx_bf16",)
 FAST_INT8_FLAGS = ("avx512_vnni", "avx_vnni")
 CPUINFO = Path("/proc/cpuinfo")
+INT8_METHOD = "gptq1"  # how upscale.int8_weights rounds; its cache files name it, so a new one is a new file
 
 
 def normalise(value: str) -> str:
@@ -113,3 +117,19 @@ def _check_int8(model: ModelSpec | None) -> None:
 
 def _numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
+
+
+def int8_caches() -> tuple[Path, Path]:
+    """Where int8 keeps what it prepares once per machine: the rounded weights, numba's compiled kernels."""
+    cache = config.cache_dir()
+    return cache / "int8", Path(os.environ.get("NUMBA_CACHE_DIR") or cache / "numba")
+
+
+def int8_prepared(model: str) -> bool:
+    """Whether this machine has int8 ready for ``model``: its weights rounded and the kernels compiled.
+
+    The first int8 render spends about 7.5 s on both while it loads the
+    model (2 cores); the plan says whether it will, for the ETA's load prior.
+    """
+    rounded, compiled = int8_caches()
+    return any(rounded.glob(f"{model}-*-{INT8_METHOD}.npz")) and any(compiled.glob("*/int8_kernels.*.nbi"))
