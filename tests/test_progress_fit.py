@@ -251,3 +251,5 @@ def test_the_builtin_cpu_load_includes_preparing_int8_the_first_time():
     assert first - ready == pytest.approx(7.5)
     assert model.load_time({**f, "int8_first": True, "threads": 8}).mean() - model.load_time(
         {**f, "threads": 8}).mean() == pytest.approx(7.5 / 4)
+    busy = {**f, "cpu_busy": 1.0}  # one of the two cores taken: half the speed (`cpu_load_term`)
+    assert model.load_time({**busy, "int8_first": True}).mean() - model.load_time(busy).mean() == pytest.approx(15.0)

@@ -318,7 +318,7 @@ class TimingModel:
         160x90 clip on 2 cores, seconds at 480p. A model fitted from the
         user's own jobs has no `local|cpu` entry: its load times are real.
         """
-        key = ("load", "local|cpu", *(str(features.get(k)) for k in (*_PROBE_FEATURES, "int8_first")))
+        key = ("load", "local|cpu", *(str(features.get(k)) for k in (*_PROBE_FEATURES, "cpu_busy", "int8_first")))
         dist = self._dists.get(key)  # asked on every snapshot: the shift is fixed for a job
         if dist is None:
             shift = probe_seconds(math.exp(self.spf(features)[0])) + _int8_first_s(features)
@@ -421,11 +421,12 @@ INT8_FIRST_S = 7.5  # seconds, on 2 cores: GPTQ rounds the weights (4.2 s) and n
 
 
 def _int8_first_s(features: Mapping[str, Any]) -> float:
-    """The first int8 load's one-off work on this machine (`int8_first` in the plan); it goes with the cores."""
+    """The first int8 load's one-off work on this machine (`int8_first` in the plan): CPU work, so it goes
+    with the cores the job gets and what other processes leave of them, as the model's speed does."""
     if not features.get("int8_first"):
         return 0.0
     threads = _positive(features.get("threads"))
-    return INT8_FIRST_S * (2.0 / threads if threads else 1.0)
+    return INT8_FIRST_S * (2.0 / threads if threads else 1.0) * math.exp(cpu_load_term(features))
 
 
 def _probe_speed(probe: Mapping[str, Any], features: Mapping[str, Any]) -> float | None:
