@@ -253,3 +253,26 @@ def test_the_builtin_cpu_load_includes_preparing_int8_the_first_time():
         {**f, "threads": 8}).mean() == pytest.approx(7.5 / 4)
     busy = {**f, "cpu_busy": 1.0}  # one of the two cores taken: half the speed (`cpu_load_term`)
     assert model.load_time({**busy, "int8_first": True}).mean() - model.load_time(busy).mean() == pytest.approx(15.0)
+
+
+def test_a_load_that_first_prepared_int8_is_not_learned_as_the_machines_load_time(tmp_path):
+    """`int8_first`: that load also rounded the weights and compiled the kernels, once per machine.
+    Fitted from it, the next plan's load prior was 8 s where loads take 0.5 (seen with `--estimate`)."""
+    def log(name: str, load_s: float, first: bool) -> Path:
+        spec = JobSpec(job=f"cx-{name}", backend="local", gpu="cpu", width=160, height=90, frames=48,
+                       segment_frames=24, load_s=load_s, warm=(True,))
+        path = write_log(tmp_path / f"{name}.jsonl", spec)
+        if first:
+            lines = path.read_text().splitlines()
+            plan = json.loads(lines[0])
+            plan["features"]["int8_first"] = True
+            path.write_text("\n".join([json.dumps(plan), *lines[1:]]) + "\n")
+        return path
+
+    f = {"backend": "local", "gpu": "cpu", "model": "realesr-animevideov3", "scale": 4, "threads": 2,
+         "in_width": 160, "in_height": 90}
+    # Only that job: the built-in `local|cpu` prior (the weights' read, then the probe) still holds.
+    assert fit_logs([log("a", 9.0, first=True)]).load_time(f).mean() < 1.0
+    # With an ordinary job beside it, the user's own load is the ordinary one's.
+    both = fit_logs([log("b", 9.0, first=True), log("c", 2.0, first=False)])
+    assert both.load_time(f).mean() == pytest.approx(2.0, rel=0.05)

@@ -350,7 +350,7 @@ def _containers(st: JobState) -> _ContainerFit:
 def _loads(st: JobState) -> dict[str, list[float]]:
     """Model load seconds, under each key the model reads them by (backend|model, backend, model, '*')."""
     lm = st.phases.get("load_model")
-    if not lm:
+    if not lm or st.features.get("int8_first"):  # a one-off: that load also prepared int8 for the machine
         return {}
     spans = [_span(p) for p in lm.parts.values() if p.detail != "cancelled"] if lm.parts else [
         (lm.end_t - lm.start_t) if lm.ended and lm.start_t is not None else None  # type: ignore[operator]
