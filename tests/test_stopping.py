@@ -205,3 +205,40 @@ def test_quiet_stops_without_stopping_and_says_only_how_it_ended(tmp_path, clipe
     code, _, err = finished(proc)
     assert code == EXIT_SIGINT, err
     assert "Stopping" not in err and len(err.splitlines()) == 1 and "clipexport resume" in err, err
+
+
+class _CutBy:
+    """A class attribute whose `__set_name__` is where the stop lands (as in a module imported late)."""
+
+    def __init__(self, stop: BaseException) -> None:
+        self.stop = stop
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        raise self.stop
+
+
+def _class_cut_by(stop: BaseException) -> RuntimeError:
+    try:
+        type("Work", (), {"shares": _CutBy(stop)})
+    except RuntimeError as exc:  # "Error calling __set_name__ on '_CutBy' instance 'shares' in 'Work'"
+        return exc
+    raise AssertionError("the class was made")
+
+
+@pytest.mark.parametrize("stop, code", [(Interrupted("stopped by signal", exit_code=EXIT_RESUMABLE), EXIT_RESUMABLE),
+                                        (KeyboardInterrupt(), 130)], ids=["sighup", "ctrl-c"])
+def test_a_stop_that_cuts_a_class_body_comes_out_as_the_stop_not_an_internal_error(stop, code):
+    """Seen once in 100 SIGHUP stops in CI: "internal error: RuntimeError: Error calling __set_name__ on
+    'Field' instance 'shares' in 'Work'". The interleaving is forced here: the stop raised in __set_name__."""
+    import typer
+
+    from clipexport.cli import _errors_to_exit
+    from clipexport.stopping import stop_within
+
+    wrapped = _class_cut_by(stop)
+    assert stop_within(wrapped) is stop and stop_within(RuntimeError("a bug")) is None
+    with pytest.raises(typer.Exit) as exit_info, _errors_to_exit():
+        raise wrapped
+    assert exit_info.value.exit_code == code
+    with pytest.raises(RuntimeError), _errors_to_exit():
+        raise RuntimeError("a bug")  # still an internal error

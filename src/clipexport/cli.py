@@ -214,6 +214,11 @@ def _errors_to_exit() -> Iterator[None]:
         raise typer.Exit(code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except Exception as exc:
+        stop = stopping.stop_within(exc)  # a stop Python raised another exception from
+        if stop is None:
+            raise
+        raise typer.Exit(stop.exit_code if isinstance(stop, Interrupted) else 130) from None
 
 
 def _store() -> JobStore:

@@ -273,16 +273,17 @@ class JobRunner:
         out = Path(self.spec.output)
         try:
             self._run(prepared)
-        except KeyboardInterrupt:
-            self._stopped(Interrupted("interrupted", exit_code=EXIT_SIGINT))
-        except Interrupted as exc:
+        except (KeyboardInterrupt, Interrupted) as exc:
             self._stopped(exc)
         except ClipexportError as exc:
             self._failed(exc.args[0] if exc.args else str(exc), exc.resumable)
             raise
         except Exception as exc:  # an unexpected failure still leaves a resumable job
-            self._failed(f"internal error: {type(exc).__name__}: {exc}", True)
-            raise
+            stop = stopping.stop_within(exc)
+            if stop is None:
+                self._failed(f"internal error: {type(exc).__name__}: {exc}", True)
+                raise
+            self._stopped(stop)
         finally:
             for tmp in partial_outputs(self.spec, self.job):
                 tmp.unlink(missing_ok=True)
@@ -456,10 +457,13 @@ class JobRunner:
             extra = {"cost_usd": billed["usd"], "gpu_s": billed["gpu_s"], "billed": billed} if billed else {}
             self.emitter("done", output=self.spec.output, elapsed=round(time.time() - plan_t, 3), **extra)
 
-    def _stopped(self, exc: Interrupted) -> None:
-        """The job stays resumable; unless it was already done (a Ctrl-C at its very end): that stands."""
+    def _stopped(self, exc: BaseException) -> None:
+        """The job stays resumable; unless it was already done (a Ctrl-C at its very end): that stands.
+        `exc`: the stop's exception, `Interrupted` or a Ctrl-C's KeyboardInterrupt."""
         if self._done:
             return
+        if not isinstance(exc, Interrupted):
+            exc = Interrupted("interrupted", exit_code=EXIT_SIGINT)
         self.emitter("interrupted", reason=str(exc), exit_code=exc.exit_code, resumable=True)
         self.store.transition(self.job, JobState.INTERRUPTED, str(exc))
         if self.facts.cancel_requested():  # `clipexport cancel` sent the signal: nothing to resume

@@ -126,6 +126,21 @@ class Stop:
         raise exc
 
 
+def stop_within(exc: BaseException) -> BaseException | None:
+    """The stop's own exception where Python raised another from it, else None.
+
+    A stop that cuts a class body being created (a module imported late)
+    comes out as "RuntimeError: Error calling __set_name__ ...", raised from
+    it: that is still the stop, not a failure.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, (KeyboardInterrupt, Interrupted)):
+            return cause
+        cause = cause.__cause__
+    return None
+
+
 def _stop_exception(signum: int) -> BaseException:
     """What a stop signal raises: KeyboardInterrupt for SIGINT, `Interrupted` with its exit code else."""
     if signum == signal.SIGINT:
